@@ -1,0 +1,262 @@
+"""``EvfSam2Predictor``: embed each image once, answer many text prompts, in batches.
+
+Coordinates and shapes: images are HxWx3 uint8 RGB numpy arrays; every mask returned is HxW
+at the original image size, row-major (y, x). Mask logits are float32; the mask is ``logits > 0``.
+
+Work per ``predict_batch`` call (N distinct images, P prompts in all):
+- SAM 2 image encoder: one batch of N images;
+- BEiT-3: one batch of P (image, prompt) pairs, texts right-padded with a key-padding mask;
+- mask decoder: one call for all P prompts, each row paired with its image's features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from evf.model.checkpoint import DEMO_MODEL_ID, load_model, resolve_checkpoint
+from evf.model.config import INFERENCE_MODES
+from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
+from evf.tokenizer import EvfTokenizer
+from evf.transforms import normalize_sam, prepare_beit3, prepare_sam_legacy, prepare_sam_multitask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One text prompt; ``semantic`` adds the ``[semantic]`` prefix (multitask checkpoints)."""
+
+    text: str
+    semantic: bool = False
+
+
+@dataclass
+class Prediction:
+    """The mask for one prompt at the image's original size.
+
+    mask_logits: (H, W) float32; mask: (H, W) bool (= logits > 0); score: predicted IoU.
+    """
+
+    mask_logits: np.ndarray
+    mask: np.ndarray
+    score: float
+
+
+@dataclass
+class PreparedImage:
+    """CPU-side model inputs of one image (see ``evf.transforms``).
+
+    sam_pixels: (3, h, w) uint8; (S, S) in multitask mode, longest side S in legacy mode.
+    beit3_pixels: (3, s, s) float32.
+    size: original (H, W).
+    """
+
+    sam_pixels: Tensor
+    beit3_pixels: Tensor
+    size: tuple[int, int]
+
+
+@dataclass
+class EmbeddedImages:
+    """SAM 2 features of a list of images, to answer any number of prompts about them."""
+
+    embeddings: ImageEmbeddings
+    images: list[PreparedImage] = field(repr=False)
+
+
+PromptLike = str | Prompt
+
+
+class EvfSam2Predictor:
+    def __init__(
+        self,
+        model: EvfSam2Model,
+        tokenizer: EvfTokenizer,
+        *,
+        mode: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        autocast: bool = True,
+        model_id: str = "",
+    ) -> None:
+        """Wrap a loaded model; most users want ``from_pretrained``.
+
+        Args:
+            mode: ``"multitask"`` (the authors' current path: 3 masks, highest predicted IoU) or
+                ``"legacy"`` (the path of the non-multitask checkpoints: single mask with SAM 2's
+                stability fallback, ResizeLongestSide preprocessing). None follows the checkpoint:
+                ``config.json``'s ``inference_mode`` if set, else multitask when the tokenizer has
+                ``[semantic]`` (the ``-multitask`` checkpoints) and legacy otherwise.
+            dtype: float32, or bfloat16/float16. Half precision runs under autocast when
+                ``autocast`` is true (weights stay float32, as the authors' inference.py), else
+                the weights are cast and everything runs in that dtype (as their demo.py).
+        """
+        if mode is None:
+            mode = model.config.inference_mode or ("multitask" if tokenizer.supports_semantic else "legacy")
+        if mode not in INFERENCE_MODES:
+            raise ValueError(
+                f"mode={mode!r}; allowed: {', '.join(INFERENCE_MODES)} or None (from the checkpoint)"
+            )
+        self.mode = mode
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.use_autocast = autocast and dtype != torch.float32
+        self.model = model.to(self.device).eval()
+        if dtype != torch.float32 and not self.use_autocast:
+            self.model.to(dtype)
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.is_demo_model = model_id == DEMO_MODEL_ID
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_uri: str | Path = DEMO_MODEL_ID,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        mode: str | None = None,
+        *,
+        autocast: bool = True,
+        compile: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> EvfSam2Predictor:
+        """Load a checkpoint: a folder, an fsspec URI, a Hub id, or ``"evf-sam2-demo"``.
+
+        ``compile`` wraps the image encoder and BEiT-3 in ``torch.compile`` (CUDA: worth it for
+        long jobs; the first batches are slow while it compiles).
+        """
+        folder = resolve_checkpoint(path_or_uri, storage_options, cache_dir)
+        model = load_model(folder, device)
+        if compile:
+            model.visual_model.image_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
+            model.mm_extractor["beit3"] = torch.compile(model.mm_extractor["beit3"], dynamic=True)
+        tokenizer = EvfTokenizer.from_folder(folder)
+        return cls(
+            model,
+            tokenizer,
+            mode=mode,
+            device=device,
+            dtype=dtype,
+            autocast=autocast,
+            model_id=str(path_or_uri),
+        )
+
+    @property
+    def supports_semantic(self) -> bool:
+        return self.tokenizer.supports_semantic
+
+    # -- CPU side ---------------------------------------------------------------------------
+    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+        """Resize one image for both encoders (CPU only; safe to run in a separate worker)."""
+        sam_size = self.model.sam_image_size
+        prepare_sam = prepare_sam_multitask if self.mode == "multitask" else prepare_sam_legacy
+        return PreparedImage(
+            prepare_sam(image, sam_size),
+            prepare_beit3(image, self.model.beit3_image_size),
+            (int(image.shape[0]), int(image.shape[1])),
+        )
+
+    # -- device side ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.use_autocast),
+        ):
+            yield
+
+    @property
+    def _input_dtype(self) -> torch.dtype:
+        return torch.float32 if self.use_autocast else self.dtype
+
+    def embed_images(self, images: Sequence[np.ndarray | PreparedImage]) -> EmbeddedImages:
+        """Run the SAM 2 image encoder once over all ``images`` (one batch)."""
+        prepared = [im if isinstance(im, PreparedImage) else self.prepare_image(im) for im in images]
+        size = self.model.sam_image_size
+        with self._inference():
+            pixels = torch.stack(
+                [
+                    normalize_sam(p.sam_pixels.to(self.device, non_blocking=True), size, self._input_dtype)
+                    for p in prepared
+                ]
+            )
+            return EmbeddedImages(self.model.encode_images(pixels), prepared)
+
+    def predict_embedded(
+        self, embedded: EmbeddedImages, prompts: Sequence[tuple[int, PromptLike]]
+    ) -> list[Prediction]:
+        """Answer prompts about already embedded images.
+
+        Args:
+            prompts: ``(image index into embedded.images, prompt)`` pairs, in any order.
+
+        Returns:
+            one ``Prediction`` per prompt, in the same order.
+        """
+        if not prompts:
+            return []
+        specs = [(i, p if isinstance(p, Prompt) else Prompt(p)) for i, p in prompts]
+        image_index = [i for i, _ in specs]
+        input_ids, padding = self.tokenizer.batch(
+            [(p.text, p.semantic) for _, p in specs], self.model.config.beit3.max_text_tokens
+        )
+        with self._inference():
+            beit3_pixels = torch.stack([embedded.images[i].beit3_pixels for i in image_index])
+            beit3_pixels = beit3_pixels.to(self.device, self._input_dtype, non_blocking=True)
+            prompt_embeds = self.model.encode_prompts(
+                beit3_pixels,
+                input_ids.to(self.device, non_blocking=True),
+                None if padding is None else padding.to(self.device, non_blocking=True),
+            )
+            index = torch.tensor(image_index, device=self.device)
+            low_res, iou = self.model.decode_masks(
+                embedded.embeddings.select(index),
+                prompt_embeds.to(embedded.embeddings.image_embed.dtype),
+                multimask=self.mode == "multitask",
+            )
+            best = iou.argmax(dim=1)  # multitask: the highest predicted IoU of 3; legacy: the one mask
+            rows = torch.arange(len(specs), device=self.device)
+            low_res, score = low_res[rows, best].float(), iou[rows, best].float()
+            logits = self._upsample(low_res, [embedded.images[i].size for i in image_index])
+        scores = score.cpu().tolist()
+        return [Prediction(lg, lg > 0, s) for lg, s in zip(logits, scores, strict=True)]
+
+    @staticmethod
+    def _upsample(low_res: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """(P, h, w) low-res logits -> per prompt (H_p, W_p) float32 numpy (bilinear, no crop)."""
+        out: list[np.ndarray | None] = [None] * len(sizes)
+        for size in dict.fromkeys(sizes):  # one interpolate per distinct output size
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            up = F.interpolate(low_res[rows].unsqueeze(1), size, mode="bilinear", align_corners=False)[:, 0]
+            for row, arr in zip(rows, up.cpu().numpy(), strict=True):
+                out[row] = arr
+        return out  # type: ignore[return-value]
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray | PreparedImage], requests: Sequence[Sequence[PromptLike]]
+    ) -> list[list[Prediction]]:
+        """Masks for several images, each with one or more prompts.
+
+        ``requests[i]`` are the prompts for ``images[i]``. Each image is encoded once.
+        Returns ``result[i][j]`` for prompt j of image i.
+        """
+        if len(images) != len(requests):
+            raise ValueError(f"{len(images)} images but {len(requests)} prompt lists")
+        pairs = [(i, p) for i, plist in enumerate(requests) for p in plist]
+        flat = iter(self.predict_embedded(self.embed_images(images), pairs)) if pairs else iter(())
+        return [[next(flat) for _ in plist] for plist in requests]
+
+    def predict(self, image: np.ndarray, prompt: str, semantic: bool = False) -> Prediction:
+        """The mask for one prompt on one image."""
+        return self.predict_batch([image], [[Prompt(prompt, semantic)]])[0][0]

@@ -1,0 +1,384 @@
+"""Shared test fixtures: a local S3 (moto) server, per-test buckets, and real image files of odd kinds.
+
+Nothing here talks to anything but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+S3_KEY = "testing"
+S3_SECRET = "testing"
+S3_REGION = "us-east-1"
+
+# AWS variables that could point tests at real credentials or endpoints; cleared while the server runs.
+_AWS_VARIABLES_TO_CLEAR = (
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 over HTTP (moto standalone server)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 server on 127.0.0.1."""
+
+    endpoint_url: str
+    pid: int
+    key: str = S3_KEY
+    secret: str = S3_SECRET
+    region: str = S3_REGION
+
+    @property
+    def env(self) -> dict[str, str]:
+        """AWS_* variables that point a client at this server (for ``monkeypatch.setenv``)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs storage options for this server (no region: s3fs would send it on mkdir)."""
+        return {"key": self.key, "secret": self.secret, "client_kwargs": {"endpoint_url": self.endpoint_url}}
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name=self.region,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP status means the server is up
+    except (OSError, ValueError):
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _patched_environ(values: dict[str, str], remove: tuple[str, ...]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in (*values, *remove)}
+    try:
+        for name in remove:
+            os.environ.pop(name, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server (``python -m moto.server``) on a free 127.0.0.1 port, for the whole session.
+
+    While it runs, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY = "testing" and AWS_DEFAULT_REGION =
+    us-east-1 are set (other AWS_* variables such as profiles, tokens and endpoints are cleared); the
+    environment is restored afterwards. AWS_ENDPOINT_URL is *not* set globally: use ``server.env``.
+    """
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    child_env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not _answers_http(endpoint):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")[-2000:]
+                    state = f"exited with {process.returncode}" if process.poll() is not None else "timed out"
+                    pytest.fail(f"moto server on {endpoint} did not start ({state}):\n{output}")
+                time.sleep(0.1)
+            environment = {
+                "AWS_ACCESS_KEY_ID": S3_KEY,
+                "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_DEFAULT_REGION": S3_REGION,
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+            with _patched_environ(environment, _AWS_VARIABLES_TO_CLEAR):
+                yield S3Server(endpoint_url=endpoint, pid=process.pid)
+        finally:
+            _stop(process)
+
+
+@pytest.fixture(scope="session")
+def _s3_client(s3_server: S3Server) -> Any:
+    return s3_server.client()
+
+
+def _clear_s3fs_cache() -> None:
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server, _s3_client: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A fresh, uniquely named bucket: yields ``(bucket_name, storage_options)``.
+
+    ``storage_options`` = ``{"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url":
+    ...}}``, ready for fsspec / ``evf.io``. The bucket and its objects are deleted afterwards.
+    """
+    name = f"evf-test-{uuid.uuid4().hex[:16]}"
+    _s3_client.create_bucket(Bucket=name)
+    _clear_s3fs_cache()
+    try:
+        yield name, s3_server.storage_options
+    finally:
+        _clear_s3fs_cache()
+        with contextlib.suppress(Exception):
+            paginator = _s3_client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=name):
+                objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if objects:
+                    _s3_client.delete_objects(Bucket=name, Delete={"Objects": objects})
+            _s3_client.delete_bucket(Bucket=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped fixture model
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """``tests/fixtures/evf-sam2-tiny``: the tiny checkpoint, cases.json, expected.npz and images/*.png."""
+    return Path(__file__).parent / "fixtures" / "evf-sam2-tiny"
+
+
+# --------------------------------------------------------------------------------------------------
+# Real image files of odd kinds
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    """An image file on disk and the HxWx3 uint8 RGB array ``evf.io.decode_image`` must give for it.
+
+    ``expected`` is computed independently of the decoder (from the arrays the file was built from);
+    ``atol`` is the per-pixel tolerance (non-zero only for lossy formats). ``expected`` is None for
+    files that must fail to decode; ``error`` then says how ("truncated" or "not an image").
+    """
+
+    path: Path
+    expected: np.ndarray | None
+    atol: int = 0
+    error: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _quadrants(height: int, width: int) -> np.ndarray:
+    """A non-symmetric RGB test card: four flat colour quadrants (unequal sizes) on a grid of 16 px."""
+    image = np.empty((height, width, 3), np.uint8)
+    top, left = (height // 16 // 3) * 16 or 16, (width // 16 // 3) * 16 or 16
+    image[:top, :left] = (220, 30, 30)
+    image[:top, left:] = (30, 200, 40)
+    image[top:, :left] = (40, 50, 210)
+    image[top:, left:] = (230, 220, 40)
+    return image
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def make_exif_jpeg(path: Path) -> ImageCase:
+    """A JPEG stored rotated 90 degrees counter-clockwise with EXIF orientation 6 ("rotate 90 CW to view").
+
+    Decoding with the orientation applied must give back the upright 48x80 (HxW) test card.
+    """
+    upright = _quadrants(48, 80)
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # 80x48, rotated counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
+    return ImageCase(path, upright, atol=12, notes={"stored_shape": stored.shape})
+
+
+def make_gray_png(path: Path) -> ImageCase:
+    gray = (np.arange(30 * 50, dtype=np.uint32).reshape(30, 50) * 7 % 256).astype(np.uint8)
+    assert cv2.imwrite(str(path), gray)
+    return ImageCase(path, _gray_to_rgb(gray))
+
+
+def make_rgba_png(path: Path) -> ImageCase:
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, size=(24, 40, 4), dtype=np.uint8)
+    rgba[:, :10, 3] = 0  # fully transparent pixels keep their colour (alpha is dropped, not composited)
+    Image.fromarray(rgba, "RGBA").save(path, "PNG")
+    return ImageCase(path, rgba[:, :, :3].copy(), notes={"rgba": rgba})
+
+
+def make_png16(path: Path) -> ImageCase:
+    """A 16-bit grayscale PNG written by OpenCV; 8-bit value = high byte."""
+    values = (np.arange(20 * 33, dtype=np.uint32).reshape(20, 33) * 99 + 5).astype(np.uint16)
+    values[0, 0], values[0, 1], values[0, 2] = 0, 255, 65535
+    assert cv2.imwrite(str(path), values)
+    return ImageCase(path, _gray_to_rgb((values >> 8).astype(np.uint8)), notes={"values": values})
+
+
+def make_rgb48_png(path: Path) -> ImageCase:
+    """A 16-bit-per-channel RGB PNG written by OpenCV (which takes BGR); 8-bit value = high byte."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 65536, size=(12, 18, 3), dtype=np.uint16)
+    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]))
+    return ImageCase(path, (rgb >> 8).astype(np.uint8))
+
+
+def make_palette_png(path: Path) -> ImageCase:
+    """A palette (mode P) PNG with a transparent palette entry; colours come from the palette table."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:4] = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (17, 34, 51)]
+    indices = (np.add.outer(np.arange(16), np.arange(26)) % 4).astype(np.uint8)
+    image = Image.frombytes("P", (indices.shape[1], indices.shape[0]), indices.tobytes())
+    image.putpalette(palette.tobytes())
+    image.save(path, "PNG", transparency=3)  # index 3 transparent: its colour must still come through
+    return ImageCase(path, palette[indices], notes={"indices": indices})
+
+
+def make_truncated_png(path: Path) -> ImageCase:
+    """A real PNG (random noise, so the pixel data is large) cut in half."""
+    rng = np.random.default_rng(3)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) // 2])
+    return ImageCase(path, None, error="truncated")
+
+
+def make_text_png(path: Path) -> ImageCase:
+    path.write_text("this is not an image, just text in a file named .png\n")
+    return ImageCase(path, None, error="not an image")
+
+
+@pytest.fixture
+def exif_jpeg(tmp_path: Path) -> ImageCase:
+    return make_exif_jpeg(tmp_path / "rotated_exif6.jpg")
+
+
+@pytest.fixture
+def gray_png(tmp_path: Path) -> ImageCase:
+    return make_gray_png(tmp_path / "gray.png")
+
+
+@pytest.fixture
+def rgba_png(tmp_path: Path) -> ImageCase:
+    return make_rgba_png(tmp_path / "rgba.png")
+
+
+@pytest.fixture
+def png16(tmp_path: Path) -> ImageCase:
+    return make_png16(tmp_path / "gray16.png")
+
+
+@pytest.fixture
+def rgb48_png(tmp_path: Path) -> ImageCase:
+    return make_rgb48_png(tmp_path / "rgb48.png")
+
+
+@pytest.fixture
+def palette_png(tmp_path: Path) -> ImageCase:
+    return make_palette_png(tmp_path / "palette.png")
+
+
+@pytest.fixture
+def truncated_png(tmp_path: Path) -> ImageCase:
+    return make_truncated_png(tmp_path / "truncated.png")
+
+
+@pytest.fixture
+def text_png(tmp_path: Path) -> ImageCase:
+    return make_text_png(tmp_path / "not_an_image.png")
+
+
+_BUILDERS = {
+    "exif_jpeg": (make_exif_jpeg, "rotated_exif6.jpg"),
+    "gray_png": (make_gray_png, "gray.png"),
+    "rgba_png": (make_rgba_png, "rgba.png"),
+    "png16": (make_png16, "gray16.png"),
+    "rgb48_png": (make_rgb48_png, "rgb48.png"),
+    "palette_png": (make_palette_png, "palette.png"),
+    "truncated_png": (make_truncated_png, "truncated.png"),
+    "text_png": (make_text_png, "not_an_image.png"),
+}
+
+
+@pytest.fixture
+def image_cases(tmp_path: Path) -> dict[str, ImageCase]:
+    """All the odd image files above in one directory (``tmp_path / "odd"``), by name."""
+    directory = tmp_path / "odd"
+    directory.mkdir()
+    return {name: build(directory / filename) for name, (build, filename) in _BUILDERS.items()}
