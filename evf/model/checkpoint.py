@@ -142,7 +142,8 @@ def _fetch_from_hub(repo_id: str, cache_dir: str | Path | None) -> Path:
         raise CheckpointError(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Without Hub access, download it elsewhere "
-            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the folder (--model DIR) or a copy in your object store (--model s3://bucket/evf-sam2/)."
+            f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the folder "
+            "(--model DIR) or a copy in your object store (--model s3://bucket/evf-sam2/)."
         ) from err
     return Path(path)
 
