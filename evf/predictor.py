@@ -97,9 +97,10 @@ class EvfSam2Predictor:
                 stability fallback, ResizeLongestSide preprocessing). None follows the checkpoint:
                 ``config.json``'s ``inference_mode`` if set, else multitask when the tokenizer has
                 ``[semantic]`` (the ``-multitask`` checkpoints) and legacy otherwise.
-            dtype: float32, or bfloat16/float16. Half precision runs under autocast when
-                ``autocast`` is true (weights stay float32, as the authors' inference.py), else
-                the weights are cast and everything runs in that dtype (as their demo.py).
+            dtype: float32, or bfloat16/float16 for the weights and activations. With
+                ``autocast`` (default) precision-sensitive ops run in float32 under
+                ``torch.autocast``, as the authors' inference.py; without it everything runs in
+                ``dtype`` (pure half precision, as their demo.py).
         """
         if mode is None:
             mode = model.config.inference_mode or ("multitask" if tokenizer.supports_semantic else "legacy")
@@ -111,9 +112,9 @@ class EvfSam2Predictor:
         self.device = torch.device(device)
         self.dtype = dtype
         self.use_autocast = autocast and dtype != torch.float32
-        self.model = model.to(self.device).eval()
-        if dtype != torch.float32 and not self.use_autocast:
-            self.model.to(dtype)
+        # Half-precision weights either way (memory, bandwidth); autocast then keeps LayerNorm,
+        # softmax and the like in float32, as the authors' inference.py did.
+        self.model = model.to(self.device, dtype).eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.is_demo_model = model_id == DEMO_MODEL_ID
@@ -176,10 +177,6 @@ class EvfSam2Predictor:
         ):
             yield
 
-    @property
-    def _input_dtype(self) -> torch.dtype:
-        return torch.float32 if self.use_autocast else self.dtype
-
     def embed_images(self, images: Sequence[np.ndarray | PreparedImage]) -> EmbeddedImages:
         """Run the SAM 2 image encoder once over all ``images`` (one batch)."""
         prepared = [im if isinstance(im, PreparedImage) else self.prepare_image(im) for im in images]
@@ -187,7 +184,7 @@ class EvfSam2Predictor:
         with self._inference():
             pixels = torch.stack(
                 [
-                    normalize_sam(p.sam_pixels.to(self.device, non_blocking=True), size, self._input_dtype)
+                    normalize_sam(p.sam_pixels.to(self.device, non_blocking=True), size, self.dtype)
                     for p in prepared
                 ]
             )
@@ -213,7 +210,7 @@ class EvfSam2Predictor:
         )
         with self._inference():
             beit3_pixels = torch.stack([embedded.images[i].beit3_pixels for i in image_index])
-            beit3_pixels = beit3_pixels.to(self.device, self._input_dtype, non_blocking=True)
+            beit3_pixels = beit3_pixels.to(self.device, self.dtype, non_blocking=True)
             prompt_embeds = self.model.encode_prompts(
                 beit3_pixels,
                 input_ids.to(self.device, non_blocking=True),
