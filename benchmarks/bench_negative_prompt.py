@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import median_seconds, real_size_predictor, test_image
+from common import paired_median_seconds, real_size_predictor, test_image
 
 from evf import segment
 
@@ -19,14 +19,15 @@ TARGET = 1.35
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     predictor = real_size_predictor()
     image = test_image()
     plain = {"prompt": "the cat on the left"}
     negative = {**plain, "negative_prompt": "its tail"}
-    t_plain = median_seconds(lambda: segment(image, plain, predictor), args.repeats)
-    t_negative = median_seconds(lambda: segment(image, negative, predictor), args.repeats)
+    t_plain, t_negative = paired_median_seconds(
+        lambda: segment(image, plain, predictor), lambda: segment(image, negative, predictor), args.repeats
+    )
     ratio = t_negative / t_plain
     print("model: SAM 2 hiera-tiny @1024 + BEiT-3 base @224, random weights, CPU")
     print(f"without negative prompt: {t_plain:.2f} s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import PROMPTS, median_seconds, real_size_predictor, test_image
+from common import PROMPTS, paired_median_seconds, real_size_predictor, test_image
 
 TARGET = 0.45
 
@@ -29,8 +29,7 @@ def main() -> None:
     def batched() -> None:
         predictor.predict_batch([image], [PROMPTS])
 
-    t_separate = median_seconds(separate, args.repeats)
-    t_batched = median_seconds(batched, args.repeats)
+    t_separate, t_batched = paired_median_seconds(separate, batched, args.repeats)
     ratio = t_batched / t_separate
     print(f"model: SAM 2 hiera-tiny @1024 + BEiT-3 base @224, random weights, CPU, {len(PROMPTS)} prompts")
     print(f"4 x predict:      {t_separate:.2f} s")
