@@ -25,15 +25,19 @@ POSITION_OFFSET = 2  # fairseq-style learned positions: indices 0 and 1 are neve
 
 
 class Multiway(nn.Module):
-    """Applies expert ``A`` to tokens ``[0, split)`` and expert ``B`` to ``[split, L)`` (dim 1)."""
+    """Expert ``A`` for the vision tokens, expert ``B`` for the text tokens.
+
+    The two parts of the sequence are kept as separate tensors between attention steps, so the
+    experts run on contiguous inputs with no split/concatenate per layer.
+    """
 
     def __init__(self, make: Callable[..., nn.Module], *args: object) -> None:
         super().__init__()
         self.A = make(*args)  # noqa: N815 - torchscale key name
         self.B = make(*args)  # noqa: N815 - torchscale key name
 
-    def forward(self, x: Tensor, split: int) -> Tensor:
-        return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
+    def forward(self, vision: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        return self.A(vision), self.B(text)
 
 
 class MultiwayAttention(nn.Module):
@@ -48,16 +52,16 @@ class MultiwayAttention(nn.Module):
         self.out_proj = Multiway(nn.Linear, dim, dim)
         self.inner_attn_ln = Multiway(nn.LayerNorm, dim, LAYERNORM_EPS)
 
-    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None) -> Tensor:
-        """x: (B, L, D); attn_mask: (B, 1, 1, L) bool, True where a key may be attended, or None."""
-        b, n, d = x.shape
-        q, k, v = (
-            proj(x, split).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+    def forward(self, vision: Tensor, text: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """vision (B, V, D), text (B, T, D); attn_mask (B, 1, 1, V+T) bool, True = may attend, or None."""
+        b, v, d = vision.shape
+        q, k, w = (
+            torch.cat(proj(vision, text), dim=1).view(b, -1, self.heads, d // self.heads).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(b, n, d)
-        return self.out_proj(self.inner_attn_ln(out, split), split)
+        out = F.scaled_dot_product_attention(q, k, w, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, -1, d)
+        return self.out_proj(*self.inner_attn_ln(out[:, :v], out[:, v:]))
 
 
 class FeedForward(nn.Module):
@@ -76,6 +80,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(LN(x)), then x + ffn(LN(x)), each LN/projection per modality."""
+
     def __init__(self, cfg: Beit3Config) -> None:
         super().__init__()
         dim = cfg.embed_dim
@@ -84,9 +90,11 @@ class EncoderLayer(nn.Module):
         self.ffn = Multiway(FeedForward, dim, cfg.ffn_embed_dim)
         self.final_layer_norm = Multiway(nn.LayerNorm, dim, LAYERNORM_EPS)
 
-    def forward(self, x: Tensor, split: int, attn_mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x, split), split, attn_mask)
-        return x + self.ffn(self.final_layer_norm(x, split), split)
+    def forward(self, vision: Tensor, text: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        dv, dt = self.self_attn(*self.self_attn_layer_norm(vision, text), attn_mask)
+        vision, text = vision + dv, text + dt
+        dv, dt = self.ffn(*self.final_layer_norm(vision, text))
+        return vision + dv, text + dt
 
 
 class PositionTables(nn.Module):
@@ -152,13 +160,14 @@ class Beit3(nn.Module):
         """
         vision = self.vision_embed(pixels)
         split = vision.shape[1]
-        x = torch.cat([vision, self.text_embed(input_ids)], dim=1)
-        x = x + self.encoder.embed_positions(split, input_ids.shape[1]).to(x.dtype)
+        positions = self.encoder.embed_positions(split, input_ids.shape[1])
+        vision = vision + positions[:, :split].to(vision.dtype)
+        text = self.text_embed(input_ids) + positions[:, split:].to(vision.dtype)
         attn_mask = None
         if text_padding is not None:
-            keep = torch.cat([text_padding.new_ones(x.shape[0], split), ~text_padding], dim=1)
-            x = x * keep.unsqueeze(-1).to(x.dtype)
+            text = text * (~text_padding).unsqueeze(-1).to(text.dtype)
+            keep = torch.cat([text_padding.new_ones(text.shape[0], split), ~text_padding], dim=1)
             attn_mask = keep[:, None, None, :]
         for layer in self.encoder.layers:
-            x = layer(x, split, attn_mask)
-        return self.encoder.layer_norm(x, split)
+            vision, text = layer(vision, text, attn_mask)
+        return torch.cat(self.encoder.layer_norm(vision, text), dim=1)
