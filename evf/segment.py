@@ -3,24 +3,36 @@
 A request runs in two halves so that a job can put them on different workers:
 
 1. ``infer_masks`` (accelerator): embed each distinct image once; one BEiT-3 + decoder pass per
-   prompt, plus one per negative prompt on the same image embedding.
+   prompt, plus one per negative prompt on the same image embedding. Requests with
+   ``use_grounding_dino`` instead get GroundingDINO boxes for the prompt (and the negative
+   prompt), segmented by SAM 2 with box prompts on the same image embeddings (``evf.grounding``);
+   the mask is the union of the boxes' masks.
 2. ``finish`` (CPU): post-processing in the documented order (subtract negative -> fill holes
    -> expand -> blur -> revert), statistics, COCO RLE and the output image.
 
 The negative prompt is always encoded as a plain (non-semantic) prompt: it names the areas to
 exclude, which are instances or parts, whatever ``semantic_type`` says about the main prompt.
+GroundingDINO requests ignore ``semantic_type``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from evf.grounding import (
+    DetectorImage,
+    GroundingDetector,
+    MissingDetectorError,
+    segment_boxes,
+)
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
 from evf.predictor import EvfSam2Predictor, PreparedImage, Prompt
 from evf.request import SegmentRequest, parse_request
@@ -29,12 +41,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Instance:
+    """One GroundingDINO box and its SAM 2 mask (before any post-processing).
+
+    box: ``(x0, y0, x1, y1)`` float pixels of the original image; mask: bool (H, W).
+    """
+
+    box: tuple[float, float, float, float]
+    detector_score: float
+    mask_score: float
+    mask: np.ndarray
+    label: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metadata form: ``box`` as COCO ``[x, y, w, h]`` floats and the mask as COCO RLE."""
+        x0, y0, x1, y1 = (float(v) for v in self.box)
+        return {
+            "box": [x0, y0, x1 - x0, y1 - y0],
+            "detector_score": float(self.detector_score),
+            "mask_score": float(self.mask_score),
+            "label": self.label,
+            "rle": encode_rle(self.mask),
+        }
+
+
+@dataclass
 class RawMasks:
-    """Model output for one request, before post-processing: bool (H, W) masks and the score."""
+    """Model output for one request, before post-processing: bool (H, W) masks and the score.
+
+    instances: GroundingDINO requests only (else None): one per box of the prompt, highest
+    detector score first (empty when no box passed the threshold); ``mask`` is their union.
+    """
 
     mask: np.ndarray
     score: float
     negative: np.ndarray | None = None
+    instances: list[Instance] | None = None
 
 
 @dataclass
@@ -47,6 +89,12 @@ class SegmentResult:
     score: the model's predicted IoU of the prompt's mask.
     area, bbox (x, y, w, h), empty, rle: of the final mask binarised at 128; ``rle`` is COCO
         compressed RLE (``{"size": [H, W], "counts": str}``), decodable by pycocotools.
+    instances: GroundingDINO requests only (None otherwise; ``[]`` when no box was found): one
+        dict per box, highest detector score first: ``box`` ``[x, y, w, h]`` (COCO order, float
+        pixels of the original image), ``detector_score``, ``mask_score`` (SAM 2's predicted
+        IoU), ``label`` (the prompt words GroundingDINO matched; may be "") and ``rle`` (COCO
+        RLE of that box's SAM 2 mask, before post-processing and negative subtraction). ``score``
+        is then the highest ``mask_score`` (0.0 without boxes).
     """
 
     mask: np.ndarray
@@ -56,6 +104,7 @@ class SegmentResult:
     bbox: tuple[int, int, int, int]
     empty: bool
     rle: dict[str, Any]
+    instances: list[dict[str, Any]] | None = None
 
 
 _warned_semantic: set[str] = set()
@@ -80,32 +129,100 @@ def infer_masks(
     predictor: EvfSam2Predictor,
     images: Sequence[np.ndarray | PreparedImage],
     items: Sequence[tuple[int, SegmentRequest]],
+    detector: GroundingDetector | None = None,
+    *,
+    detector_images: Sequence[np.ndarray | DetectorImage | None] | None = None,
 ) -> list[RawMasks]:
     """Model masks for several requests in one batch.
 
     Args:
-        images: the distinct images of the batch (each is embedded once).
+        images: the distinct images of the batch (each is embedded once by SAM 2).
         items: ``(index into images, request)``; several items may share an image.
+        detector: needed when some request has ``use_grounding_dino``.
+        detector_images: the detector's input for each image (the original array, or
+            ``detector.prepare_image(array)`` from a CPU worker), index-aligned with ``images``;
+            only the images of GroundingDINO requests are read. Defaults to ``images`` (which
+            must then be arrays for those requests).
+
+    Work: one SAM 2 image-encoder batch; one BEiT-3 batch and one decoder call for the EVF
+    prompts; one detector pass per ``detector.batch_size`` GroundingDINO queries (prompt and
+    negative prompt each count one) and one decoder call for all their boxes.
 
     Returns:
         one ``RawMasks`` per item, in order.
+
+    Raises:
+        MissingDetectorError: a request has ``use_grounding_dino`` and ``detector`` is None.
     """
-    warn_if_semantic_unsupported(predictor, [r for _, r in items])
-    grounded = [r for _, r in items if r.use_grounding_dino]
-    if grounded:
-        raise NotImplementedError("use_grounding_dino=true needs a GroundingDINO model (not available yet)")
+    evf_items = [(k, i, r) for k, (i, r) in enumerate(items) if not r.use_grounding_dino]
+    dino_items = [(k, i, r) for k, (i, r) in enumerate(items) if r.use_grounding_dino]
+    if dino_items and detector is None:
+        raise MissingDetectorError(
+            "use_grounding_dino=true needs a GroundingDINO model: pass a detector "
+            "(evf.grounding.GroundingDetector.from_pretrained(...), a folder, an fsspec URI or a Hub id "
+            "such as IDEA-Research/grounding-dino-tiny; --grounding-model on the command line)"
+        )
+    warn_if_semantic_unsupported(predictor, [r for _, _, r in evf_items])
+    embedded = predictor.embed_images(images)
+    out: list[RawMasks | None] = [None] * len(items)
+
     prompts: list[tuple[int, Prompt]] = []
-    for image_index, request in items:
+    for _, image_index, request in evf_items:
         prompts.append((image_index, Prompt(request.prompt, request.semantic_type)))
         if request.negative_prompt:
             prompts.append((image_index, Prompt(request.negative_prompt)))
-    predictions = iter(predictor.predict_embedded(predictor.embed_images(images), prompts))
-    out = []
-    for _, request in items:
+    predictions = iter(predictor.predict_embedded(embedded, prompts))
+    for k, _, request in evf_items:
         positive = next(predictions)
         negative = next(predictions).mask if request.negative_prompt else None
-        out.append(RawMasks(positive.mask, positive.score, negative))
-    return out
+        out[k] = RawMasks(positive.mask, positive.score, negative)
+
+    if dino_items:
+        assert detector is not None
+        sources = list(images if detector_images is None else detector_images)
+        if len(sources) != len(images):
+            raise ValueError(f"{len(images)} images but {len(sources)} detector_images")
+        for _, image_index, _ in dino_items:
+            if not isinstance(sources[image_index], np.ndarray | DetectorImage):
+                raise ValueError(
+                    f"image {image_index}: GroundingDINO needs the original array or a DetectorImage "
+                    "(pass detector_images when images are PreparedImage)"
+                )
+        queries: list[tuple[int, str]] = []
+        for _, image_index, request in dino_items:
+            queries.append((image_index, request.prompt))
+            if request.negative_prompt:
+                queries.append((image_index, request.negative_prompt))
+        detections = detector.detect(sources, queries)  # type: ignore[arg-type]
+        masks = iter(
+            segment_boxes(
+                predictor, embedded, [(i, d.boxes) for (i, _), d in zip(queries, detections, strict=True)]
+            )
+        )
+        found = iter(detections)
+        for k, image_index, request in dino_items:
+            size = embedded.images[image_index].size
+            positive, positive_masks = next(found), next(masks)
+            instances = [
+                Instance(tuple(box.tolist()), float(score), float(mask_score), mask, label)
+                for box, score, mask_score, mask, label in zip(
+                    positive.boxes,
+                    positive.scores,
+                    positive_masks.scores,
+                    positive_masks.masks,
+                    positive.labels,
+                    strict=True,
+                )
+            ]
+            negative = None
+            if request.negative_prompt:
+                next(found)
+                negative_masks = next(masks).masks
+                negative = negative_masks.any(axis=0) if len(negative_masks) else None
+            union = positive_masks.masks.any(axis=0) if instances else np.zeros(size, bool)
+            score = float(positive_masks.scores.max()) if instances else 0.0
+            out[k] = RawMasks(union, score, negative, instances)
+    return out  # type: ignore[return-value]
 
 
 def finish(request: SegmentRequest, raw: RawMasks, image: np.ndarray | None = None) -> SegmentResult:
@@ -126,7 +243,10 @@ def finish(request: SegmentRequest, raw: RawMasks, image: np.ndarray | None = No
         raise ValueError("mask_only=false needs the input image to build the RGBA output")
     else:
         output = compose_rgba(image, mask)
-    return SegmentResult(mask, output, raw.score, stats.area, stats.bbox, stats.empty, encode_rle(binary))
+    instances = None if raw.instances is None else [i.to_dict() for i in raw.instances]
+    return SegmentResult(
+        mask, output, raw.score, stats.area, stats.bbox, stats.empty, encode_rle(binary), instances
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,11 +260,27 @@ def default_predictor() -> EvfSam2Predictor:
     return predictor
 
 
+_detectors: dict[tuple[str, str, str], GroundingDetector] = {}
+
+
+def load_detector(
+    name: str | os.PathLike[str],
+    device: Any = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+) -> GroundingDetector:
+    """``GroundingDetector.from_pretrained`` with default thresholds, loaded once per process."""
+    key = (os.fspath(name), str(device), json.dumps(dict(storage_options or {}), sort_keys=True, default=str))
+    if key not in _detectors:
+        _detectors[key] = GroundingDetector.from_pretrained(name, device, storage_options=storage_options)
+    return _detectors[key]
+
+
 def segment(
     image: np.ndarray | None,
     request: Mapping[str, Any] | SegmentRequest,
     predictor: EvfSam2Predictor | None = None,
     *,
+    detector: GroundingDetector | str | os.PathLike[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> SegmentResult:
     """Segment one image from a fal-style request (see ``evf.request.SegmentRequest``).
@@ -154,9 +290,15 @@ def segment(
             local path or ``data:`` URI).
         request: a mapping with the fal option names, or a ``SegmentRequest``.
         predictor: defaults to the shipped demo model.
+        detector: GroundingDINO for ``use_grounding_dino`` requests: a ``GroundingDetector``
+            (its thresholds apply) or a checkpoint (folder, fsspec URI, or Hub id such as
+            ``IDEA-Research/grounding-dino-tiny``), loaded once per process with the default
+            thresholds (box 0.35, text 0.25) on the predictor's device. Not loaded otherwise.
+        storage_options: for ``image_url`` and a ``detector`` URI.
 
     Raises:
         InvalidRequestError: an option is invalid (the message names field, value and range).
+        MissingDetectorError: ``use_grounding_dino`` without a ``detector``.
     """
     req = parse_request(request)
     if image is None:
@@ -165,6 +307,15 @@ def segment(
         from evf.io import load_image
 
         image = load_image(req.image_url, storage_options)
+    if req.use_grounding_dino and detector is None:
+        raise MissingDetectorError(
+            "use_grounding_dino=true needs a GroundingDINO model: pass detector= (a GroundingDetector, "
+            "a folder, an fsspec URI or a Hub id such as IDEA-Research/grounding-dino-tiny)"
+        )
     predictor = predictor or default_predictor()
-    raw = infer_masks(predictor, [image], [(0, req)])[0]
+    if not req.use_grounding_dino:
+        detector = None  # never loaded for requests that do not use it
+    elif not isinstance(detector, GroundingDetector):
+        detector = load_detector(detector, predictor.device, storage_options)  # type: ignore[arg-type]
+    raw = infer_masks(predictor, [image], [(0, req)], detector)[0]
     return finish(req, raw, image)

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,32 @@ CHECKPOINT_FILES = (
 )
 # Upstream sam2 calls these layer-scale parameters ``gamma``; the authors renamed them ``weight``
 # so that Hugging Face loading (which rewrites ``gamma``) keeps them.
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Which files make a checkpoint folder of some kind (so other models reuse the resolver).
+
+    files: fetched from an fsspec URI / the Hub when present (plus shards named by an index).
+    required: groups of file names; each group needs at least one file present.
+    option: the command-line option that names such a checkpoint (for error messages).
+    """
+
+    kind: str
+    files: tuple[str, ...]
+    required: tuple[tuple[str, ...], ...]
+    option: str = "--model"
+
+
+EVF_LAYOUT = CheckpointLayout(
+    "EVF-SAM2",
+    CHECKPOINT_FILES,
+    (
+        ("config.json",),
+        ("sentencepiece.bpe.model",),
+        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    ),
+)
 _FUSER_SCALE = re.compile(r"^(visual_model\.memory_encoder\.fuser\.layers\.\d+)\.(weight|gamma)$")
 
 
@@ -65,39 +92,50 @@ def resolve_checkpoint(
     name: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
+    *,
+    layout: CheckpointLayout = EVF_LAYOUT,
 ) -> Path:
-    """Return a local folder holding the checkpoint ``name`` (see the module docstring)."""
+    """Return a local folder holding the checkpoint ``name`` (see the module docstring).
+
+    ``layout`` says which files to fetch and require (default: an EVF-SAM2 checkpoint).
+    """
     text = os.fspath(name)
-    if text == DEMO_MODEL_ID:
+    if text == DEMO_MODEL_ID and layout is EVF_LAYOUT:
         if not (DEMO_MODEL_DIR / "config.json").exists():
             raise CheckpointError(f"the demo model is missing from this installation ({DEMO_MODEL_DIR})")
         return DEMO_MODEL_DIR
     local = Path(text.removeprefix("file://")).expanduser()
     if local.is_dir():
-        _require_files(local, text)
+        _require_files(local, text, layout)
         return local
     if "://" in text:
-        return _fetch_to_cache(text, dict(storage_options or {}), Path(cache_dir or default_cache_dir()))
+        cache = Path(cache_dir or default_cache_dir())
+        return _fetch_to_cache(text, dict(storage_options or {}), cache, layout)
     if text.count("/") == 1 and not local.exists() and not text.startswith((".", "/")):
-        return _fetch_from_hub(text, cache_dir)
+        return _fetch_from_hub(text, cache_dir, layout)
     raise CheckpointError(f"no checkpoint folder at {text!r}")
 
 
-def _require_files(folder: Path, name: str) -> None:
-    missing = [f for f in ("config.json", "sentencepiece.bpe.model") if not (folder / f).exists()]
-    if not any(
-        (folder / f).exists()
-        for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    ):
-        missing.append("model.safetensors (or pytorch_model.bin)")
+def _require_files(folder: Path, name: str, layout: CheckpointLayout = EVF_LAYOUT) -> None:
+    missing = [
+        group[0] + (f" (or {', '.join(group[1:])})" if len(group) > 1 else "")
+        for group in layout.required
+        if not any((folder / f).exists() for f in group)
+    ]
     if missing:
-        raise CheckpointError(f"{name!r} is not an EVF-SAM2 checkpoint folder: missing {', '.join(missing)}")
+        raise CheckpointError(
+            f"{name!r} is not {'an' if layout.kind[:1] in 'AEIOU' else 'a'} {layout.kind} checkpoint "
+            f"folder: missing {', '.join(missing)}"
+        )
 
 
-def _fetch_to_cache(uri: str, storage_options: dict[str, Any], cache_dir: Path) -> Path:
+def _fetch_to_cache(
+    uri: str, storage_options: dict[str, Any], cache_dir: Path, layout: CheckpointLayout = EVF_LAYOUT
+) -> Path:
     from evf.io import storage_options_for  # local import: io pulls in Pillow, not needed otherwise
 
-    target = cache_dir / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:20]
+    key = uri.rstrip("/") if layout is EVF_LAYOUT else f"{layout.kind}:{uri.rstrip('/')}"
+    target = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:20]
     done = target / ".complete"
     if done.exists():
         return target
@@ -110,7 +148,7 @@ def _fetch_to_cache(uri: str, storage_options: dict[str, Any], cache_dir: Path) 
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}-"))
         try:
             fetched = 0
-            for file in CHECKPOINT_FILES:
+            for file in layout.files:
                 remote = f"{root.rstrip('/')}/{file}"
                 if fs.exists(remote):
                     fs.get(remote, str(staging / file))
@@ -121,7 +159,7 @@ def _fetch_to_cache(uri: str, storage_options: dict[str, Any], cache_dir: Path) 
                     fs.get(f"{root.rstrip('/')}/{shard}", str(staging / shard))
             if fetched == 0:
                 raise CheckpointError(f"no checkpoint files found at {uri!r}")
-            _require_files(staging, uri)
+            _require_files(staging, uri, layout)
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
             done.write_text(uri)
@@ -131,19 +169,21 @@ def _fetch_to_cache(uri: str, storage_options: dict[str, Any], cache_dir: Path) 
     return target
 
 
-def _fetch_from_hub(repo_id: str, cache_dir: str | Path | None) -> Path:
+def _fetch_from_hub(
+    repo_id: str, cache_dir: str | Path | None, layout: CheckpointLayout = EVF_LAYOUT
+) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(
-            repo_id, allow_patterns=list(CHECKPOINT_FILES) + ["*.safetensors"], cache_dir=cache_dir
+            repo_id, allow_patterns=list(layout.files) + ["*.safetensors"], cache_dir=cache_dir
         )
     except Exception as err:  # offline, unknown repo, auth: all end in the same advice
         raise CheckpointError(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Without Hub access, download it elsewhere "
             f"(`huggingface-cli download {repo_id} --local-dir DIR`) and pass the folder "
-            "(--model DIR) or a copy in your object store (--model s3://bucket/evf-sam2/)."
+            f"({layout.option} DIR) or a copy in your object store ({layout.option} s3://bucket/...)."
         ) from err
     return Path(path)
 
