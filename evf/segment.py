@@ -309,8 +309,8 @@ def segment(
         image = load_image(req.image_url, storage_options)
     if req.use_grounding_dino and detector is None:
         raise MissingDetectorError(
-            "use_grounding_dino=true needs a GroundingDINO model: pass detector= (a GroundingDetector, "
-            "a folder, an fsspec URI or a Hub id such as IDEA-Research/grounding-dino-tiny)"
+            "use_grounding_dino=true needs a GroundingDINO model: pass detector= (or --grounding-model): "
+            "a GroundingDetector, a folder, an fsspec URI or a Hub id such as IDEA-Research/grounding-dino-tiny"
         )
     predictor = predictor or default_predictor()
     if not req.use_grounding_dino:

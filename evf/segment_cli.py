@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blur-mask", type=int, default=None, help="Gaussian blur kernel, 0 or odd <= 49")
     parser.add_argument("--expand-mask", type=int, default=None, help="dilate by this many pixels, 0..20")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--grounding-model",
+        default=None,
+        help="GroundingDINO checkpoint for --use-grounding-dino: a folder, an fsspec URI or a Hub id "
+        "(IDEA-Research/grounding-dino-tiny)",
+    )
     add_model_arguments(parser)
 
 
@@ -76,19 +82,27 @@ def load_predictor(args: argparse.Namespace) -> Any:
 
 
 def command(args: argparse.Namespace) -> int:
-    from evf.io import encode_png, write_bytes
+    from evf.grounding import MissingDetectorError
+    from evf.io import ImageDecodeError, ImageReadError, encode_png, write_bytes
+    from evf.model.checkpoint import CheckpointError
     from evf.request import InvalidRequestError, parse_request
     from evf.segment import segment
 
     try:
         request = parse_request(request_from_args(args))
-    except InvalidRequestError as err:
+        predictor = load_predictor(args)
+        start = time.perf_counter()
+        result = segment(None, request, predictor, detector=args.grounding_model)
+        elapsed = time.perf_counter() - start
+    except (
+        InvalidRequestError,
+        MissingDetectorError,
+        ImageReadError,
+        ImageDecodeError,
+        CheckpointError,
+    ) as err:
         print(f"error: {err}")
         return 2
-    predictor = load_predictor(args)
-    start = time.perf_counter()
-    result = segment(None, request, predictor)
-    elapsed = time.perf_counter() - start
     write_bytes(args.output, encode_png(result.image))
     summary = {
         "output": args.output,
@@ -98,6 +112,8 @@ def command(args: argparse.Namespace) -> int:
         "empty": result.empty,
         "seconds": round(elapsed, 3),
     }
+    if result.instances is not None:
+        summary["instances"] = len(result.instances)
     if args.json:
         print(json.dumps(summary))
     else:
