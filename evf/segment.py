@@ -310,7 +310,7 @@ def segment(
     if req.use_grounding_dino and detector is None:
         raise MissingDetectorError(
             "use_grounding_dino=true needs a GroundingDINO model: pass detector= (or --grounding-model): "
-            "a GroundingDetector, a folder, an fsspec URI or a Hub id such as IDEA-Research/grounding-dino-tiny"
+            "a GroundingDetector, a folder, an fsspec URI or a Hub id (IDEA-Research/grounding-dino-tiny)"
         )
     predictor = predictor or default_predictor()
     if not req.use_grounding_dino:
