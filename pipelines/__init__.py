@@ -1,0 +1,28 @@
+"""Batch jobs on Ray Data: ``run_job(JobConfig) -> JobSummary`` (``evf run`` on the command line).
+
+See docs/pipeline.md for the manifest format, the outputs, resume and the config schema. Names are
+imported lazily so that ``evf run --help`` does not pay for torch and Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "pipelines.config",
+    "JobConfig": "pipelines.config",
+    "load_config": "pipelines.config",
+    "JobError": "pipelines.segment_job",
+    "JobSummary": "pipelines.segment_job",
+    "format_summary": "pipelines.segment_job",
+    "run_job": "pipelines.segment_job",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

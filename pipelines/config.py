@@ -1,0 +1,308 @@
+"""``JobConfig``: what a batch job reads, runs and writes, loaded from YAML and validated strictly.
+
+A config file is a YAML mapping with the fields below (see ``configs/*.yaml`` and docs/pipeline.md).
+Unknown keys are errors (a typo must not silently fall back to a default). Relative local paths are
+resolved against the current directory. Credentials never belong in a config file: S3 endpoint and
+keys come from the standard AWS environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``...), which ``evf.io.storage_options_for`` merges in at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evf.io import redact
+from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "CpuConfig",
+    "GroundingConfig",
+    "InferenceConfig",
+    "JobConfig",
+    "RayConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "read_config_data",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+"""The embedded default: local Ray, local folders, CPU, the demo model, the shipped sample manifest."""
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message names the file, the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Strict):
+    """Where the job runs."""
+
+    address: str | None = Field(
+        default=None,
+        description="null: start a private local Ray instance (or reuse one already initialised in this "
+        "process); 'auto': join the cluster on this machine; 'ray://host:10001': a remote cluster.",
+    )
+    num_cpus: float | None = Field(
+        default=None, gt=0, description="Local Ray only: logical CPUs to offer (default: all cores)."
+    )
+    object_store_memory: int | None = Field(
+        default=None, gt=0, description="Local Ray only: object store size in bytes (default: Ray's)."
+    )
+    runtime_env: dict[str, Any] | None = Field(
+        default=None, description="Ray runtime_env for the job (e.g. pip packages on a cluster)."
+    )
+
+
+class InferenceConfig(_Strict):
+    """The model stage: an actor pool, each actor loads the model once."""
+
+    actors: int = Field(default=1, ge=1, description="Number of model actors (one model copy each).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs reserved per actor (0: CPU inference).")
+    num_cpus: float = Field(
+        default=1, gt=0, description="Logical CPUs reserved per actor; fractional values are fine."
+    )
+    batch_size: int = Field(
+        default=8, ge=1, description="Images per model call (each with all of its prompts in the batch)."
+    )
+    device: str = Field(
+        default="auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda'."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mode: Literal["multitask", "legacy"] | None = Field(
+        default=None, description="Inference path; null follows the checkpoint."
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch intra-op threads per actor. null: on CPU, the machine's cores shared among "
+        "the actors (at least 1); on GPU, the actor's CPU reservation rounded up.",
+    )
+    compile: bool = Field(default=False, description="torch.compile the encoders (CUDA, long jobs).")
+    max_tasks_in_flight: int = Field(
+        default=2, ge=1, description="Batches queued per actor (more hides latency, costs memory)."
+    )
+
+
+class CpuConfig(_Strict):
+    """The CPU stages: read + decode + resize (before the model) and post-process + encode + write (after)."""
+
+    batch_size: int = Field(
+        default=32,
+        ge=1,
+        description="Manifest rows per decode task. Rows naming the same image within one such batch "
+        "share one read, one decode and one image embedding.",
+    )
+    num_cpus: float = Field(default=0.5, gt=0, description="Logical CPUs reserved per CPU-stage task.")
+    io_threads: int = Field(
+        default=8, ge=1, description="Threads per task for object reads/writes (hides S3 latency)."
+    )
+    max_buffered_mb: int = Field(
+        default=256,
+        ge=16,
+        description="Cap on data held between stages in Ray's object store (MB); bounds memory "
+        "whatever the manifest size.",
+    )
+
+
+class GroundingConfig(_Strict):
+    """GroundingDINO for rows with ``use_grounding_dino: true`` (loaded by an actor only when needed)."""
+
+    model: str | None = Field(default=None, description="GroundingDINO checkpoint (folder, URI or Hub id).")
+    box_threshold: float = Field(default=0.35, ge=0, le=1)
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
+
+
+class JobConfig(_Strict):
+    """A batch segmentation job. ``manifest`` and ``output`` are fsspec URIs or local paths."""
+
+    manifest: str = Field(description="Parquet manifest: one file or a folder of *.parquet files.")
+    output: str = Field(description="Output root: masks/, metadata/ and _job.json go under it.")
+    model: str = Field(
+        default="evf-sam2-demo", description="Checkpoint: folder, fsspec URI, Hub id or evf-sam2-demo."
+    )
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Request options for rows that do not set them (fal names: mask_only, blur_mask...).",
+    )
+    overwrite: bool = Field(default=False, description="Redo every row (deletes the previous outputs).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fsspec options (e.g. client_kwargs). Credentials come from the environment.",
+    )
+    progress: bool = Field(default=True, description="Ray Data progress bars.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    cpu: CpuConfig = Field(default_factory=CpuConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+
+    @field_validator("manifest", "output", "model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty path or URI")
+        return value.strip()
+
+    @field_validator("defaults")
+    @classmethod
+    def _valid_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(OPTION_NAMES)}")
+        try:
+            parse_request({"prompt": "x", **value})
+        except InvalidRequestError as error:
+            raise ValueError(str(error).removeprefix("invalid request: ")) from None
+        return dict(value)
+
+    @model_validator(mode="after")
+    def _device_matches_gpus(self) -> JobConfig:
+        device = self.inference.device
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError(f"inference.device={device!r}: allowed: auto, cpu, cuda, cuda:N")
+        if device.startswith("cuda") and self.inference.num_gpus == 0:
+            raise ValueError("inference.device=cuda needs inference.num_gpus > 0 (a GPU reserved per actor)")
+        return self
+
+    # -- derived values -----------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        if self.inference.device == "auto":
+            return "cuda" if self.inference.num_gpus > 0 else "cpu"
+        return self.inference.device
+
+    def torch_threads(self, node_cpus: float | None = None) -> int:
+        """Threads each actor gives torch (see ``InferenceConfig.torch_threads``)."""
+        if self.inference.torch_threads is not None:
+            return self.inference.torch_threads
+        if self.inference.num_gpus == 0:
+            cores = node_cpus or os.cpu_count() or 1
+            return max(1, int(cores) // self.inference.actors)
+        return max(1, int(-(-self.inference.num_cpus // 1)))
+
+    def resolved(self) -> JobConfig:
+        """A copy with local paths made absolute (URIs and Hub ids unchanged)."""
+
+        def absolute(value: str) -> str:
+            if "://" in value or value.startswith("data:"):
+                return value
+            return os.path.abspath(os.path.expanduser(value))
+
+        model = self.model
+        if os.path.exists(os.path.expanduser(model)):  # a local folder (not a Hub id or the demo name)
+            model = absolute(model)
+        return self.model_copy(
+            update={"manifest": absolute(self.manifest), "output": absolute(self.output), "model": model}
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data, safe to log and store (storage options redacted)."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = redact(self.storage_options)
+        return data
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item.get("loc", ())) or "(top level)"
+        message = item.get("msg", "invalid")
+        if item.get("type") == "extra_forbidden":
+            message = "unknown field"
+        elif item.get("type") == "missing":
+            message = "required field is missing"
+        given = item.get("input")
+        shown = "" if item.get("type") in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {location}: {message}{shown}")
+    return f"invalid job config {source}:\n" + "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with overrides applied.
+
+    ``overrides`` is a mapping of dotted names to values (``{"inference.actors": 2}``; None values are
+    skipped) or ``KEY=VALUE`` strings whose values are parsed as YAML (``inference.batch_size=4``).
+    """
+    import copy
+
+    result = copy.deepcopy(dict(data))
+    if isinstance(overrides, Mapping):
+        items = [(k, v) for k, v in overrides.items() if v is not None]
+    else:
+        items = []
+        for text in overrides:
+            key, sep, raw = text.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. inference.batch_size=4")
+            try:
+                items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+            except yaml.YAMLError as error:
+                raise ConfigError(f"--set {text!r}: value is not valid YAML ({error})") from None
+    for key, value in items:
+        _set_dotted(result, key, value)
+    return result
+
+
+def read_config_data(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML job config (default: ``configs/local.yaml``), not yet validated."""
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read job config {str(source)!r}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"job config {str(source)!r} is not valid YAML: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"job config {str(source)!r} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> JobConfig:
+    """Read a YAML job config (default: ``configs/local.yaml``), apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, not YAML, or invalid fields (every problem is listed).
+    """
+    source = str(path) if path is not None else str(DEFAULT_CONFIG)
+    data = apply_overrides(read_config_data(path), overrides or {})
+    return config_from_dict(data, source=repr(source))
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "(dict)") -> JobConfig:
+    """Validate a config mapping; raises ``ConfigError`` listing every invalid field."""
+    try:
+        return JobConfig.model_validate(dict(data))
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None

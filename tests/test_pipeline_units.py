@@ -1,0 +1,369 @@
+"""The job's pieces without Ray: config, manifest rows -> records, stages called in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from evf.io import encode_png
+from pipelines.commit import METADATA_SCHEMA, OutputLayout, load_committed, read_metadata
+from pipelines.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipelines.manifest import (
+    ManifestError,
+    record_from_row,
+    request_key,
+    resolve_image_url,
+    scan_manifest,
+)
+from pipelines.stages import (
+    RECORD_SCHEMA,
+    FinishSettings,
+    FinishStage,
+    InferenceSettings,
+    InferenceStage,
+    Storage,
+    decode_batch,
+    probe_model,
+    read_records,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
+CONFIGS = REPO / "configs"
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "s3.yaml", "cluster-gpu.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(CONFIGS / name)
+    assert config.manifest and config.output
+    if name == "cluster-gpu.yaml":
+        assert config.inference.num_gpus == 1 and config.device == "cuda" and config.ray.address
+    else:
+        assert config.inference.num_gpus == 0 and config.device == "cpu" and config.ray.address is None
+
+
+def test_embedded_default_is_local_cpu_demo():
+    config = load_config()
+    assert config.model == "evf-sam2-demo"
+    assert config.manifest == "examples/sample/manifest.parquet"
+    assert DEFAULT_CONFIG.exists()
+    # The actor pool never reserves every CPU of a 2-core machine.
+    assert config.inference.actors * config.inference.num_cpus + config.cpu.num_cpus <= 2
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\ninference:\n  actors: 0\n  batchsize: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "inference.actors" in text and "inference.batchsize: unknown field" in text and str(path) in text
+    path.write_text("manifest: m.parquet\noutput: out\ndefaults:\n  blur_mask: 4\n")
+    with pytest.raises(ConfigError, match="blur_mask"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="num_gpus"):
+        load_config(DEFAULT_CONFIG, {"inference.device": "cuda"})
+
+
+def test_overrides_and_derived_values():
+    config = load_config(
+        DEFAULT_CONFIG, ["inference.batch_size=3", "defaults.mask_only=false", "ray.num_cpus=4"]
+    )
+    assert (
+        config.inference.batch_size == 3
+        and config.defaults["mask_only"] is False
+        and config.ray.num_cpus == 4
+    )
+    config = load_config(DEFAULT_CONFIG, {"inference.actors": 2, "model": None})
+    assert config.torch_threads(node_cpus=8) == 4  # CPU: the cores shared among the actors
+    assert load_config(DEFAULT_CONFIG, {"inference.torch_threads": 3}).torch_threads(8) == 3
+    gpu = load_config(CONFIGS / "cluster-gpu.yaml")
+    assert gpu.torch_threads() == 1
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(DEFAULT_CONFIG, ["nonsense"])
+
+
+def test_public_config_hides_credentials():
+    config = load_config(DEFAULT_CONFIG, {"storage_options": {"key": "AKIAXXXX", "secret": "s3cr3t-value"}})
+    text = json.dumps(config.public_dict())
+    assert "s3cr3t-value" not in text and "AKIAXXXX" not in text
+    assert "s3cr3t-value" not in repr(Storage.from_environment(config.storage_options))
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(name for row in rows for name in row))  # every column of every row
+    rows = [{name: row.get(name) for name in names} for row in rows]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def test_scan_single_file_and_folder(tmp_path):
+    _write(tmp_path / "one.parquet", [{"image_url": "a.png", "prompt": "x"}] * 3)
+    manifest = scan_manifest(str(tmp_path / "one.parquet"))
+    assert manifest.num_rows == 3 and manifest.ids == {"one.parquet:0", "one.parquet:1", "one.parquet:2"}
+    assert manifest.files[0].base == str(tmp_path)
+
+    folder = tmp_path / "folder"
+    _write(folder / "part-1.parquet", [{"id": "a", "image_url": "a.png", "prompt": "x"}])
+    _write(folder / "sub" / "part-2.parquet", [{"id": None, "image_url": "b.png", "prompt": "y"}])
+    _write(folder / "_ignored.parquet", [{"nothing": 1}])
+    (folder / "notes.txt").write_text("not a manifest file")
+    manifest = scan_manifest(str(folder))
+    assert [f.name for f in manifest.files] == ["part-1.parquet", "sub/part-2.parquet"]
+    assert manifest.ids == {"a", "sub/part-2.parquet:0"}
+    assert manifest.files[1].base == str(folder / "sub")
+
+
+def test_scan_rejects_unusable_manifests(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        scan_manifest(str(tmp_path / "nope.parquet"))
+    _write(tmp_path / "cols.parquet", [{"image_url": "a.png", "text": "x"}])
+    with pytest.raises(ManifestError, match="lacks required column.*prompt"):
+        scan_manifest(str(tmp_path / "cols.parquet"))
+    _write(tmp_path / "dup.parquet", [{"id": "a", "image_url": "a.png", "prompt": "x"}] * 2)
+    with pytest.raises(ManifestError, match="unique.*'a' \\(2x\\)"):
+        scan_manifest(str(tmp_path / "dup.parquet"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ManifestError, match="cannot read manifest file"):
+        scan_manifest(str(tmp_path / "junk.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no \\*.parquet"):
+        scan_manifest(str(tmp_path / "empty"))
+
+
+def test_relative_image_urls_resolve_against_the_manifest_folder():
+    assert resolve_image_url("images/a.png", "/data/set") == "/data/set/images/a.png"
+    assert resolve_image_url("images/a.png", "s3://bucket/set") == "s3://bucket/set/images/a.png"
+    assert resolve_image_url("/abs/a.png", "s3://bucket/set") == "/abs/a.png"
+    assert resolve_image_url("s3://other/a.png", "/data") == "s3://other/a.png"
+    assert resolve_image_url("data:image/png;base64,xx", "/data") == "data:image/png;base64,xx"
+
+
+def test_records_from_rows(tmp_path):
+    _write(tmp_path / "m.parquet", [{"image_url": "a.png", "prompt": "x"}])
+    file = scan_manifest(str(tmp_path / "m.parquet")).files[0]
+    defaults = {"mask_only": False, "expand_mask": 1}
+
+    def record(**row):
+        return record_from_row({"_row": 7, **row}, file=file, defaults=defaults, model_id="m")
+
+    ok = record(image_url="a.png", prompt="the cat", blur_mask=5.0, fill_holes=None, expand_mask=float("nan"))
+    assert ok["status"] == "" and ok["error"] is None and ok["id"] == "m.parquet:7"
+    assert ok["image_url"] == str(tmp_path / "a.png")
+    request = ok["request"]
+    assert request["blur_mask"] == 5 and request["fill_holes"] is False  # 5.0 -> 5; null -> default
+    assert request["mask_only"] is False and request["expand_mask"] == 1  # job defaults
+    assert record(id="x", image_url="a.png", prompt="the cat", blur_mask=5)["key"] == ok["key"]
+    assert record(image_url="a.png", prompt="the cat", blur_mask=7)["key"] != ok["key"]
+    assert (
+        ok["key"]
+        != record_from_row(
+            {"_row": 7, "image_url": "a.png", "prompt": "the cat", "blur_mask": 5},
+            file=file,
+            defaults=defaults,
+            model_id="other",
+        )["key"]
+    )
+    assert len(ok["key"]) == 32 and int(ok["key"], 16) >= 0
+    options = {k: v for k, v in request.items() if k not in ("prompt", "image_url")}
+    assert ok["key"] == request_key(ok["image_url"], "the cat", options, "m")
+
+    bad = record(image_url="a.png", prompt="", blur_mask=4, expand_mask=99)
+    assert bad["status"] == "error" and bad["request"] is None
+    assert "prompt" in bad["error"] and "blur_mask=4" in bad["error"] and "expand_mask=99" in bad["error"]
+    assert "image_url" in record(image_url=None, prompt="x")["error"]
+    assert "semantic_type" in record(image_url="a.png", prompt="x", semantic_type="yes")["error"]
+
+    committed = {"m.parquet:7": ok["key"], "other": "k"}
+    again = record_from_row(
+        {"_row": 7, "image_url": "a.png", "prompt": "the cat", "blur_mask": 5},
+        file=file,
+        defaults=defaults,
+        model_id="m",
+        committed=committed,
+    )
+    assert again["status"] == "skip" and again["stale"] is False
+    changed = record_from_row(
+        {"_row": 7, "image_url": "a.png", "prompt": "the dog"},
+        file=file,
+        defaults=defaults,
+        model_id="m",
+        committed=committed,
+    )
+    assert changed["status"] == "skip" and changed["stale"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages in-process
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_info():
+    return probe_model(str(TINY), None, Storage())
+
+
+def test_probe_matches_the_predictor(model_info, fixture_dir):
+    from evf.io import load_image
+    from evf.predictor import EvfSam2Predictor
+
+    predictor = EvfSam2Predictor.from_pretrained(TINY)
+    assert (model_info.mode, model_info.sam_image_size, model_info.beit3_image_size) == (
+        predictor.mode,
+        predictor.model.sam_image_size,
+        predictor.model.beit3_image_size,
+    )
+    assert model_info.is_demo_model is False and model_info.supports_semantic == predictor.supports_semantic
+    image = load_image(str(fixture_dir / "images" / "portrait_97x173.png"))
+    sam, beit3 = model_info.prepare(image)
+    expected = predictor.prepare_image(image)
+    assert torch.equal(sam, expected.sam_pixels) and torch.equal(beit3, expected.beit3_pixels)
+    legacy = probe_model(str(TINY), "legacy", Storage())
+    assert legacy.mode == "legacy"
+    assert torch.equal(
+        legacy.prepare(image)[0],
+        EvfSam2Predictor.from_pretrained(TINY, mode="legacy").prepare_image(image).sam_pixels,
+    )
+
+
+def _image_dir(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, (h, w) in {"a.png": (40, 60), "b.png": (50, 30)}.items():
+        (folder / name).write_bytes(encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    (folder / "text.png").write_text("not an image")
+    return folder
+
+
+def test_decode_stage_reads_each_image_once_per_batch(tmp_path, model_info, monkeypatch):
+    _image_dir(tmp_path)
+    rows = [
+        {"id": "1", "image_url": "images/a.png", "prompt": "the red circle"},
+        {"id": "2", "image_url": "images/b.png", "prompt": "the star", "mask_only": False},
+        {"id": "3", "image_url": "images/a.png", "prompt": "the blue square"},
+        {"id": "4", "image_url": "images/text.png", "prompt": "the star"},
+        {"id": "5", "image_url": "images/a.png", "prompt": ""},
+        {"id": "6", "image_url": "images/a.png", "prompt": "done already"},
+    ]
+    path = _write(tmp_path / "m.parquet", rows)
+    file = scan_manifest(str(path)).files[0]
+    storage = Storage()
+    records = read_records(file, 0, 6, storage=storage, defaults={}, model_id="m", committed={"6": "k"})
+    assert records.schema == RECORD_SCHEMA and records.num_rows == 6
+
+    reads = []
+    import pipelines.stages as stages
+
+    real_read = stages.read_bytes
+    monkeypatch.setattr(
+        stages, "read_bytes", lambda url, opts=None: reads.append(url) or real_read(url, opts)
+    )
+    units = decode_batch(records, model=model_info, storage=storage)
+    assert sorted(reads) == sorted(str(tmp_path / "images" / n) for n in ("a.png", "b.png", "text.png"))
+    decoded = [json.loads(u) for u in units.column("unit").to_pylist()]
+    by_image = {frozenset(r["id"] for r in u["records"]): u for u in decoded}
+    assert set(by_image) == {frozenset("13"), frozenset("2"), frozenset("456")}
+    passthrough = by_image[frozenset("456")]
+    statuses = {r["id"]: (r["status"], r["error"]) for r in passthrough["records"]}
+    assert statuses["4"][0] == "error" and "not an image" in statuses["4"][1]
+    assert statuses["5"][0] == "error" and "prompt" in statuses["5"][1]
+    assert statuses["6"] == ("skip", None)
+    images = units.column("image").to_pylist()
+    index = [frozenset(r["id"] for r in u["records"]) for u in decoded]
+    assert images[index.index(frozenset("13"))] is None  # masks only: the image is not carried
+    assert len(images[index.index(frozenset("2"))]) == 50 * 30 * 3  # RGBA output needs it
+
+
+def test_inference_and_finish_stages(tmp_path, model_info):
+    """One batch through the actor class and the finish step, in-process; a failing row is isolated."""
+    _image_dir(tmp_path)
+    rows = [
+        {"id": "1", "image_url": "images/a.png", "prompt": "the red circle", "negative_prompt": "the star"},
+        {"id": "2", "image_url": "images/b.png", "prompt": "the star", "mask_only": False},
+        {"id": "3", "image_url": "images/a.png", "prompt": "the blue square", "use_grounding_dino": True},
+        {"id": "4", "image_url": "images/a.png", "prompt": "the blue square", "revert_mask": True},
+    ]
+    file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
+    storage = Storage()
+    units = decode_batch(
+        read_records(file, 0, 4, storage=storage, defaults={}, model_id="m"),
+        model=model_info,
+        storage=storage,
+    )
+    actor = InferenceStage(InferenceSettings(model=str(TINY), torch_threads=1), storage)
+    inferred = actor(units)
+    assert inferred.column("sam").null_count == inferred.num_rows  # model inputs dropped after use
+
+    # A model failure on one prompt costs only that row.
+    real = actor._infer
+
+    def flaky(images, arrays, items):
+        if any(r.prompt == "the red circle" for _, r in items):
+            raise RuntimeError("simulated model failure")
+        return real(images, arrays, items)
+
+    actor._infer = flaky
+    flaky_out = actor(units)
+    out_records = {r["id"]: r for u in flaky_out.column("unit").to_pylist() for r in json.loads(u)["records"]}
+    assert out_records["1"]["status"] == "error" and "simulated model failure" in out_records["1"]["error"]
+    assert out_records["4"]["status"] == "" and "mask_index" in out_records["4"]
+
+    output = tmp_path / "out"
+    finish = FinishStage(FinishSettings(str(output), "m", "run-1"), storage)
+    result = finish(inferred)
+    statuses = dict(zip(result.column("id").to_pylist(), result.column("status").to_pylist(), strict=True))
+    assert statuses["3"] == "error" and statuses["1"] in ("ok", "empty") and statuses["2"] in ("ok", "empty")
+    metadata = read_metadata(str(output))
+    assert metadata.schema == METADATA_SCHEMA and metadata.num_rows == 4
+    rows_out = {r["id"]: r for r in metadata.to_pylist()}
+    assert "GroundingDINO" in rows_out["3"]["error"] and rows_out["3"]["mask_url"] is None
+    assert rows_out["1"]["negative_prompt"] == "the star" and rows_out["4"]["revert_mask"] is True
+    assert Path(rows_out["2"]["mask_url"]).exists() and rows_out["2"]["width"] == 30
+    files = list((output / "metadata").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("part-")
+
+    # A retried batch rewrites the same commit file: no second row per id.
+    finish(inferred)
+    assert [p.name for p in (output / "metadata").iterdir()] == [files[0].name]
+    committed = load_committed(OutputLayout(str(output)))
+    assert set(committed.keys) == {"1", "2", "3", "4"} and committed.duplicate_rows == 0
+
+
+def test_cli_rejects_bad_config(tmp_path, capsys):
+    from evf.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\ninference: {actors: -1}\n")
+    assert main(["run", str(path)]) == 2
+    assert "inference.actors" in capsys.readouterr().err
+
+
+def test_cli_job_failure_exit_code(tmp_path, capsys):
+    from evf.cli import main
+
+    code = main(["run", "--manifest", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "o")])
+    assert code == 1
+    assert "job failed" in capsys.readouterr().err
