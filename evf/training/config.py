@@ -1,0 +1,180 @@
+"""``TrainConfig``: the YAML recipe of an ``evf train`` run, validated with pydantic.
+
+A config names the model (new sizes, or ``init_from`` an existing checkpoint), the data (a
+Parquet manifest or the synthetic scene generator), which parts train, the optimiser and loss,
+and the schedule. See ``configs/train-demo.yaml`` for a complete example and ``docs/training.md``
+for every field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evf.model.config import EvfSam2Config
+
+Part = Literal["beit3", "projector", "mask_decoder", "prompt_encoder", "image_encoder"]
+ALL_PARTS: tuple[Part, ...] = ("beit3", "projector", "mask_decoder", "prompt_encoder", "image_encoder")
+_NECK_D_MODEL = re.compile(r"^\+*model\.image_encoder\.neck\.d_model=(\d+)$")
+
+
+class TrainConfigError(ValueError):
+    """A training config file is missing, is not YAML, or has invalid fields (all listed)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenizerSpec(_Strict):
+    """Where the tokenizer comes from when the model is new (``init_from`` brings its own).
+
+    folder: existing tokenizer files to copy; None builds a BPE model from the training prompts
+        (``evf.training.tokenizer.build_tokenizer``) with at most ``vocab_size`` pieces.
+    """
+
+    folder: str | None = None
+    vocab_size: int = Field(256, ge=16)
+
+
+class SyntheticSpec(_Strict):
+    """Scenes ``0..count-1`` of ``evf.synthetic.generate_scene(seed, index)``, generated on the fly."""
+
+    seed: int
+    count: int = Field(gt=0)
+
+
+class DataSpec(_Strict):
+    """Training data: exactly one of ``manifest`` and ``synthetic``.
+
+    manifest: URI of a Parquet file with columns image_url, prompt, mask_url and optionally
+        negative_prompt, semantic_type (rows with a negative prompt are skipped: their mask is a
+        difference of two objects, not the mask of either prompt).
+    prompts_per_image: at most this many of an image's prompts per step (a random subset).
+    workers: DataLoader worker processes (0 = load in the training process).
+    """
+
+    manifest: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    synthetic: SyntheticSpec | None = None
+    prompts_per_image: int = Field(8, gt=0)
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.manifest is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of data.manifest and data.synthetic")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    """AdamW with linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class LossSpec(_Strict):
+    """Weights of the loss terms (see ``evf.training.losses``)."""
+
+    bce: float = Field(1.0, ge=0)
+    dice: float = Field(1.0, ge=0)
+    iou: float = Field(1.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """A complete training recipe.
+
+    Exactly one of ``model`` (a config.json-like dict with ``beit3`` and ``sam2`` objects; a new,
+    randomly initialised model) and ``init_from`` (any checkpoint name that ``EvfSam2Predictor``
+    accepts; fine-tuning). ``beit3.vocab_size`` may be left out of ``model``: it then follows the
+    tokenizer. ``out_dim`` defaults to the neck ``d_model`` of the SAM 2 overrides.
+    """
+
+    output_dir: str
+    model: dict[str, Any] | None = None
+    init_from: str | None = None
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec
+    train: list[Part] = Field(default_factory=lambda: list(ALL_PARTS), min_length=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="images per step; each brings up to prompts_per_image prompts")
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int | None = Field(2, gt=0, description="newest checkpoints kept; None keeps all")
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = Field(None, gt=0, description="torch.set_num_threads; None keeps the default")
+
+    @field_validator("train")
+    @classmethod
+    def _unique_parts(cls, parts: list[Part]) -> list[Part]:
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"parts listed twice: {parts}")
+        return parts
+
+    @field_validator("model")
+    @classmethod
+    def _model_sizes(cls, model: dict[str, Any] | None) -> dict[str, Any] | None:
+        if model is None:
+            return None
+        missing = [key for key in ("beit3", "sam2") if key not in model]
+        if missing:
+            raise ValueError(f"model needs the size objects {missing} (see config.json of the fixtures)")
+        filled = fill_model_defaults(model, vocab_size=model["beit3"].get("vocab_size", 1))
+        try:
+            EvfSam2Config.from_dict(filled)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"invalid model sizes: {err}") from err
+        return model
+
+    @model_validator(mode="after")
+    def _model_or_checkpoint(self) -> TrainConfig:
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError("set exactly one of model (a new model) and init_from (a checkpoint)")
+        if self.model is not None and set(self.train) != set(ALL_PARTS):
+            raise ValueError(
+                f"a new model must train every part ({', '.join(ALL_PARTS)}); "
+                f"train lists only {', '.join(self.train)}"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Read and validate a YAML file; every problem is listed in one ``TrainConfigError``."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise TrainConfigError(f"cannot read training config {str(path)!r}: {err}") from err
+        except yaml.YAMLError as err:
+            raise TrainConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            problems = "\n".join(
+                f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+            )
+            raise TrainConfigError(f"{path}: invalid training config:\n{problems}") from None
+
+
+def fill_model_defaults(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The config.json dict of a new model: ``vocab_size`` and ``out_dim`` filled in when absent."""
+    filled = dict(model)
+    filled["beit3"] = {"vocab_size": vocab_size, **model["beit3"]}
+    if "out_dim" not in filled:
+        for override in model["sam2"].get("overrides", ()):
+            if match := _NECK_D_MODEL.match(override):
+                filled["out_dim"] = int(match.group(1))
+    return filled

@@ -1,0 +1,278 @@
+"""Training samples: an image, prepared exactly as the predictor prepares it, and its prompt targets.
+
+Two sources give ``(image, targets)`` pairs:
+
+- ``SyntheticScenes``: ``evf.synthetic.generate_scene`` on the fly. Referring and semantic
+  expressions are used as they are (semantic ones with ``semantic=True``, i.e. the
+  ``[semantic] `` prefix). A negative expression becomes two targets: its ``prompt`` against that
+  prompt's own mask and its ``negative_prompt`` against the negative object's mask. The model
+  learns positive targets only; the subtraction happens at inference.
+- ``ManifestImages``: a Parquet manifest (image_url, prompt, mask_url, optional
+  negative_prompt / semantic_type), grouped by image so each image is encoded once per step.
+
+``StepBatches`` decides which images (and which subset of their prompts) each step sees, as a
+pure function of ``(seed, step)``, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from evf.synthetic import PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
+from evf.training.losses import cell_coverage
+from evf.transforms import prepare_beit3, prepare_sam_legacy, prepare_sam_multitask
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "background"
+
+
+@dataclass
+class Target:
+    """One prompt and the mask it must give: ``mask`` is bool (H, W) at the image's size."""
+
+    prompt: str
+    semantic: bool
+    mask: np.ndarray
+
+
+@dataclass
+class TrainSample:
+    """One image as the predictor prepares it, with the P targets chosen for this step.
+
+    sam_pixels: (3, S, S) uint8 (multitask) or (3, h, w) uint8 with max(h, w) = S (legacy).
+    beit3_pixels: (3, s, s) float32.
+    prompts: P (text, semantic) pairs, 1 <= P <= prompts_per_image.
+    coverage: (P, S/4, S/4) float32, the target masks as low-res cell coverage (``cell_coverage``).
+    """
+
+    sam_pixels: Tensor
+    beit3_pixels: Tensor
+    prompts: list[tuple[str, bool]]
+    coverage: Tensor
+
+
+class ImageSource(Protocol):
+    """Indexable images with their targets."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
+        """(H, W, 3) uint8 RGB image and its targets (at least one)."""
+        ...
+
+    def corpus(self) -> list[str]:
+        """Every prompt text of the source, to build a tokenizer from."""
+        ...
+
+
+# ----------------------------------------------------------------------------- synthetic scenes
+
+
+def phrase_mask(scene: Scene, phrase: str) -> np.ndarray:
+    """The bool (H, W) mask that a generator phrase names in ``scene``.
+
+    ``"background"``, ``"all <plural>"``, ``"all <colour> shapes"`` or a referring phrase that
+    names exactly one object (``evf.synthetic.referring_candidates``).
+    """
+    objects = scene.objects
+    h, w = scene.image.shape[:2]
+    if phrase == BACKGROUND:
+        return ~np.logical_or.reduce([o.mask for o in objects])
+    members = [o for o in objects if phrase in (f"all {PLURALS[o.shape]}", f"all {o.colour} shapes")] or [
+        o for i, o in enumerate(objects) if phrase in referring_candidates(objects, i, h, w)
+    ]
+    if not members:
+        raise ValueError(f"phrase {phrase!r} names nothing in this scene")
+    return np.logical_or.reduce([o.mask for o in members])
+
+
+def scene_targets(scene: Scene) -> list[Target]:
+    """Positive targets of all expressions of a scene, without duplicates (see the module docstring)."""
+    targets: dict[tuple[str, bool], Target] = {}
+    for expr in scene.expressions:
+        if expr.kind == "negative":
+            pairs = [(expr.prompt, expr.semantic), (expr.negative_prompt, False)]
+            for text, semantic in pairs:
+                if text is not None and (text, semantic) not in targets:
+                    targets[(text, semantic)] = Target(text, semantic, phrase_mask(scene, text))
+        else:
+            targets.setdefault((expr.prompt, expr.semantic), Target(expr.prompt, expr.semantic, expr.mask))
+    return list(targets.values())
+
+
+class SyntheticScenes:
+    """Scenes ``0..count-1`` of generator seed ``seed`` (about 6 ms each, so made on demand)."""
+
+    def __init__(self, seed: int, count: int) -> None:
+        self.seed = seed
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
+        scene = generate_scene(self.seed, index)
+        return scene.image, scene_targets(scene)
+
+    def corpus(self) -> list[str]:
+        return vocabulary_corpus()
+
+
+# ----------------------------------------------------------------------------- Parquet manifests
+
+
+class ManifestImages:
+    """The images of a Parquet manifest, each with its (prompt, mask) rows.
+
+    Masks are read as images and binarised at 128 (any channel layout: 0/255 grayscale PNGs as
+    ``evf.synthetic.write_dataset`` writes them, or RGB). Relative URIs are taken relative to
+    the manifest's folder.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        import pyarrow.parquet as pq
+
+        from evf.io import open_filesystem
+
+        self.storage_options = dict(storage_options or {})
+        fs, path = open_filesystem(uri, self.storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        missing = [c for c in ("image_url", "prompt", "mask_url") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"manifest {uri!r} lacks the columns {missing}")
+        rows = table.to_pylist()
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        self.images: list[str] = []
+        self.rows: list[list[tuple[str, bool, str]]] = []
+        by_image: dict[str, int] = {}
+        skipped = 0
+        for row in rows:
+            if (row.get("negative_prompt") or "").strip():
+                skipped += 1
+                continue
+            image = _absolute(row["image_url"], base)
+            if image not in by_image:
+                by_image[image] = len(self.images)
+                self.images.append(image)
+                self.rows.append([])
+            semantic = bool(row.get("semantic_type") or False)
+            self.rows[by_image[image]].append((row["prompt"], semantic, _absolute(row["mask_url"], base)))
+        if skipped:
+            log.warning("%s: skipped %d rows with a negative_prompt (no per-prompt mask)", uri, skipped)
+        if not self.images:
+            raise ValueError(f"manifest {uri!r} has no usable rows")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
+        from evf.io import load_image
+
+        image = load_image(self.images[index], self.storage_options)
+        targets = []
+        for prompt, semantic, mask_url in self.rows[index]:
+            mask = load_image(mask_url, self.storage_options)[..., 0] >= 128
+            if mask.shape != image.shape[:2]:
+                raise ValueError(
+                    f"mask {mask_url!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                    f"{self.images[index]!r} is {image.shape[1]}x{image.shape[0]}"
+                )
+            targets.append(Target(prompt, semantic, mask))
+        return image, targets
+
+    def corpus(self) -> list[str]:
+        return [prompt for rows in self.rows for prompt, _, _ in rows]
+
+
+def _absolute(uri: str, base: str) -> str:
+    from evf.io import join_uri
+
+    if "://" in uri or uri.startswith(("/", "data:")):
+        return uri
+    return join_uri(base, uri)
+
+
+# ----------------------------------------------------------------------------- dataset and sampler
+
+
+class TrainDataset(Dataset):
+    """``dataset[(index, step)]``: image ``index`` prepared for both encoders, with a subset of its
+    targets chosen by ``numpy.random.default_rng([seed, index, step])``.
+
+    ``mask_size`` is the decoder's low-res mask size (S/4).
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        sam_size: int,
+        beit3_size: int,
+        mode: str,
+        prompts_per_image: int,
+        seed: int,
+    ) -> None:
+        self.source = source
+        self.sam_size = sam_size
+        self.mask_size = sam_size // 4
+        self.beit3_size = beit3_size
+        self.prepare_sam = prepare_sam_multitask if mode == "multitask" else prepare_sam_legacy
+        self.prompts_per_image = prompts_per_image
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> TrainSample:
+        index, step = key
+        image, targets = self.source.load(index)
+        if len(targets) > self.prompts_per_image:
+            rng = np.random.default_rng([self.seed, index, step])
+            chosen = sorted(rng.choice(len(targets), self.prompts_per_image, replace=False))
+            targets = [targets[i] for i in chosen]
+        masks = torch.from_numpy(np.stack([t.mask for t in targets]))
+        return TrainSample(
+            self.prepare_sam(image, self.sam_size),
+            prepare_beit3(image, self.beit3_size),
+            [(t.prompt, t.semantic) for t in targets],
+            cell_coverage(masks, self.mask_size),
+        )
+
+
+class StepBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(image index, step)`` keys for steps ``start..steps-1``.
+
+    Images are visited in epochs, each a permutation drawn from ``default_rng([seed, epoch])``;
+    step ``k`` takes positions ``k*batch_size .. (k+1)*batch_size-1`` of that endless sequence.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, start: int, steps: int) -> None:
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.steps = steps
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_images)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_images))
+        return int(self._epoch[1][offset])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.steps):
+            first = step * self.batch_size
+            yield [(self._index(first + j), step) for j in range(self.batch_size)]

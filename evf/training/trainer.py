@@ -1,0 +1,327 @@
+"""The training loop of ``evf train``: AdamW, warmup + cosine, BCE + Dice, resumable checkpoints.
+
+One step takes ``batch_size`` images with up to ``prompts_per_image`` prompts each and runs the
+model's own inference stages, so that training sees exactly the numerics of inference:
+``encode_images`` once per image, ``encode_prompts`` for all prompts in one padded batch, and
+``decode_masks`` with the predictor's mode (multitask: 3 outputs; legacy: 1). Inputs come from
+``evf.transforms`` through ``TrainDataset``, as in ``EvfSam2Predictor.prepare_image``.
+
+Output folder layout::
+
+    output_dir/
+      config.yaml               the validated recipe of this run
+      tokenizer/                built tokenizer files (new models without tokenizer.folder)
+      train_log.jsonl           one line per log_every steps: step, loss terms, IoU, lr, seconds
+      checkpoint-<step>/        official checkpoint layout (config.json, model.safetensors,
+                                tokenizer files) + trainer_state.pt (float32 weights, optimiser,
+                                scheduler, RNG, step): a re-run resumes from the newest one
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from evf.model.config import EvfSam2Config
+from evf.model.evf_sam2 import EvfSam2Model
+from evf.tokenizer import SPM_FILE, EvfTokenizer
+from evf.training.config import Part, TrainConfig, fill_model_defaults
+from evf.training.data import (
+    ImageSource,
+    ManifestImages,
+    StepBatches,
+    SyntheticScenes,
+    TrainDataset,
+    TrainSample,
+)
+from evf.training.losses import mask_losses
+from evf.training.tokenizer import build_tokenizer, embedding_rows
+from evf.transforms import normalize_sam
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+# Parameter name prefixes of each trainable part. SAM 2's memory modules are never used by
+# single-image segmentation and always stay frozen.
+PART_PREFIXES: dict[Part, tuple[str, ...]] = {
+    "beit3": ("mm_extractor.",),
+    "projector": ("text_hidden_fcs.",),
+    "mask_decoder": ("visual_model.sam_mask_decoder.",),
+    "prompt_encoder": ("visual_model.sam_prompt_encoder.",),
+    "image_encoder": ("visual_model.image_encoder.", "visual_model.no_mem_embed"),
+}
+
+
+def train(config_path: str, resume: bool = True) -> Path:
+    """Train as the YAML recipe at ``config_path`` says; returns the final checkpoint folder.
+
+    With ``resume`` (the default) a re-run continues from the newest ``checkpoint-<step>`` in the
+    output folder, with the same weights, optimiser state and data order. Without it, an output
+    folder that already holds checkpoints is an error (nothing is deleted).
+    """
+    return Trainer(TrainConfig.from_yaml(config_path)).run(resume)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a ``checkpoint-<step>`` folder holding a trainer state, else None."""
+    suffix = folder.name.removeprefix(CHECKPOINT_PREFIX)
+    if folder.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (folder / STATE_FILE).exists():
+        return int(suffix)
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of the resumable checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in output_dir.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup to 1, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Builds the model, data and optimiser of a ``TrainConfig`` and runs the steps."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output = Path(config.output_dir)
+        self.device = torch.device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        data = config.data
+        self.source: ImageSource = (
+            ManifestImages(data.manifest, data.storage_options)
+            if data.manifest is not None
+            else SyntheticScenes(data.synthetic.seed, data.synthetic.count)  # type: ignore[union-attr]
+        )
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.init_folder = resolve_checkpoint(config.init_from) if config.init_from else None
+        self.tokenizer_dir = self._tokenizer_dir()
+        self.tokenizer = EvfTokenizer.from_folder(self.tokenizer_dir)
+        self.model = self._build_model()
+        self.mode = self.model.config.inference_mode or (
+            "multitask" if self.tokenizer.supports_semantic else "legacy"
+        )
+        self.trainable = self._set_trainable(config.train)
+        self.optimizer = self._build_optimizer()
+        opt = config.optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, opt.warmup_steps, config.steps, opt.min_lr_ratio),
+        )
+
+    # -- setup --------------------------------------------------------------------------------
+    def _tokenizer_dir(self) -> Path:
+        if self.init_folder is not None:
+            return self.init_folder
+        if self.config.tokenizer.folder is not None:
+            return Path(self.config.tokenizer.folder)
+        folder = self.output / "tokenizer"
+        if not (folder / SPM_FILE).exists():
+            build_tokenizer(self.source.corpus(), folder, self.config.tokenizer.vocab_size)
+        return folder
+
+    def _build_model(self) -> EvfSam2Model:
+        if self.init_folder is not None:
+            return load_model(self.init_folder, self.device).float()
+        assert self.config.model is not None
+        needed = embedding_rows(len(self.tokenizer.sp))
+        model_dict = fill_model_defaults(self.config.model, vocab_size=needed)
+        config = EvfSam2Config.from_dict(model_dict)
+        largest_id = max(t.id for t in self.tokenizer.added.values())
+        if config.beit3.vocab_size <= largest_id:
+            raise ValueError(
+                f"model.beit3.vocab_size={config.beit3.vocab_size} but the tokenizer uses ids up to "
+                f"{largest_id}; leave vocab_size out to size it from the tokenizer ({needed})"
+            )
+        torch.manual_seed(self.config.seed)
+        return EvfSam2Model(config, device=self.device)
+
+    def _set_trainable(self, parts: list[Part]) -> list[nn.Parameter]:
+        prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
+        trainable = []
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name.startswith(prefixes))
+            if param.requires_grad:
+                trainable.append(param)
+        return trainable
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales)."""
+        opt = self.config.optimizer
+        decay = [p for p in self.trainable if p.ndim >= 2]
+        no_decay = [p for p in self.trainable if p.ndim < 2]
+        return torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": opt.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=opt.lr,
+            betas=opt.betas,
+            fused=True,
+        )
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _save(self, step: int) -> Path:
+        """Write ``checkpoint-<step>`` atomically (staged under a hidden name, then renamed)."""
+        final = self.output / f"{CHECKPOINT_PREFIX}{step}"
+        staging = self.output / f".{final.name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_checkpoint(self.model, staging, self.tokenizer_dir)
+        state = {
+            "step": step,
+            "model": {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, staging / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        keep = self.config.keep_checkpoints
+        if keep is not None:
+            for _, old in list_checkpoints(self.output)[:-keep]:
+                shutil.rmtree(old)
+        return final
+
+    def _restore(self, folder: Path) -> int:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.model.refresh_image_pe()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["step"])
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (an interrupted run's tail)."""
+        path = self.output / LOG_FILE
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, resume: bool = True) -> Path:
+        checkpoints = list_checkpoints(self.output)
+        if checkpoints and not resume:
+            raise FileExistsError(
+                f"{self.output} already holds checkpoints (newest: {checkpoints[-1][1].name}); "
+                "resume from it, or choose a new output_dir"
+            )
+        start = 0
+        if checkpoints:
+            start = self._restore(checkpoints[-1][1])
+            self._truncate_log(start)
+            if start >= self.config.steps:
+                log.info("%s is already at step %d of %d", checkpoints[-1][1], start, self.config.steps)
+                return checkpoints[-1][1]
+            log.info("resuming from %s (step %d)", checkpoints[-1][1], start)
+        (self.output / "config.yaml").write_text(
+            yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+        )
+        config = self.config
+        dataset = TrainDataset(
+            self.source,
+            self.model.sam_image_size,
+            self.model.beit3_image_size,
+            self.mode,
+            config.data.prompts_per_image,
+            config.seed,
+        )
+        batches = StepBatches(len(self.source), config.batch_size, config.seed, start, config.steps)
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=list, num_workers=config.data.workers)
+        self.model.train()
+        log.info(
+            "training %d of %d parameters (%s mode), steps %d..%d",
+            sum(p.numel() for p in self.trainable),
+            sum(p.numel() for p in self.model.parameters()),
+            self.mode,
+            start,
+            config.steps,
+        )
+        last: Path | None = None
+        totals: dict[str, float] = {}
+        ema: dict[str, float] = {}
+        began = time.monotonic()
+        with (
+            open(self.output / LOG_FILE, "a", encoding="utf-8") as log_file,
+            tqdm(total=config.steps, initial=start, desc="train", unit="step", dynamic_ncols=True) as bar,
+        ):
+            for step, batch in enumerate(loader, start=start):
+                metrics = self._step(batch)
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                    ema[key] = value if key not in ema else 0.95 * ema[key] + 0.05 * value
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema['loss']:.4f}", iou=f"{ema['iou']:.3f}")
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    count = config.log_every if done % config.log_every == 0 else done % config.log_every
+                    record = {"step": done, **{k: round(v / count, 6) for k, v in totals.items()}}
+                    record["lr"] = self.scheduler.get_last_lr()[0]
+                    record["seconds"] = round(time.monotonic() - began, 1)
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    totals = {}
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    last = self._save(done)
+        assert last is not None
+        return last
+
+    def _step(self, batch: list[TrainSample]) -> dict[str, float]:
+        """One optimiser step on a batch of images; returns the batch's mean loss terms."""
+        model, device = self.model, self.device
+        size = model.sam_image_size
+        pixels = torch.stack([normalize_sam(s.sam_pixels.to(device), size, torch.float32) for s in batch])
+        embeddings = model.encode_images(pixels)
+        rows = [(i, prompt) for i, sample in enumerate(batch) for prompt in sample.prompts]
+        input_ids, padding = self.tokenizer.batch([p for _, p in rows], model.config.beit3.max_text_tokens)
+        image_index = torch.tensor([i for i, _ in rows], device=device)
+        beit3_pixels = torch.stack([batch[i].beit3_pixels for i, _ in rows]).to(device)
+        prompt_embeds = model.encode_prompts(
+            beit3_pixels, input_ids.to(device), None if padding is None else padding.to(device)
+        )
+        low_res, pred_iou = model.decode_masks(
+            embeddings.select(image_index), prompt_embeds, multimask=self.mode == "multitask"
+        )
+        coverage = torch.cat([sample.coverage for sample in batch]).to(device)
+        terms = mask_losses(low_res, pred_iou, coverage)
+        weights = self.config.loss
+        mask_loss = (weights.bce * terms.bce + weights.dice * terms.dice).mean()
+        iou_loss = terms.iou_mse.mean()
+        loss = mask_loss + weights.iou * iou_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.optimizer.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optimizer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "loss": float(loss.detach()),
+            "bce": float(terms.bce.mean().detach()),
+            "dice": float(terms.dice.mean().detach()),
+            "iou_mse": float(iou_loss.detach()),
+            # IoU of the output the predictor would pick (highest predicted IoU)
+            "iou": float(terms.iou.gather(1, pred_iou.argmax(dim=1, keepdim=True)).mean()),
+        }

@@ -1,0 +1,266 @@
+"""Training: tokenizer files, config validation, data targets, a tiny from-scratch run that learns,
+saves loadable checkpoints and resumes exactly, and the shipped demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evf.model.checkpoint import DEMO_MODEL_DIR
+from evf.predictor import EvfSam2Predictor
+from evf.synthetic import generate_scene, vocabulary_corpus, write_dataset
+from evf.tokenizer import UNK_ID, EvfTokenizer
+from evf.training import TrainConfig, TrainConfigError, build_tokenizer, train
+from evf.training.data import ManifestImages, StepBatches, phrase_mask, scene_targets
+from evf.training.evaluate import evaluate_synthetic
+from evf.training.tokenizer import tokenizer_files
+from evf.training.trainer import LOG_FILE, STATE_FILE, Trainer
+
+FIXTURE_CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
+REPO = Path(__file__).resolve().parent.parent
+
+# A very small model: 64 px SAM 2 input, 32 px BEiT-3 input, a few thousand parameters per part.
+TINY_MODEL = {
+    "inference_mode": "multitask",
+    "beit3": {
+        "embed_dim": 32,
+        "layers": 1,
+        "attention_heads": 2,
+        "ffn_embed_dim": 64,
+        "img_size": 32,
+        "patch_size": 16,
+        "max_source_positions": 32,
+    },
+    "sam2": {
+        "config": "configs/sam2/sam2_hiera_t.yaml",
+        "overrides": [
+            "++model.image_size=64",
+            "++model.image_encoder.trunk.embed_dim=8",
+            "++model.image_encoder.trunk.num_heads=1",
+            "++model.image_encoder.trunk.stages=[1,1,1,1]",
+            "++model.image_encoder.trunk.global_att_blocks=[3]",
+            "++model.image_encoder.trunk.window_spec=[8,4,4,2]",
+            "++model.image_encoder.trunk.window_pos_embed_bkg_spatial_size=[4,4]",
+            "++model.image_encoder.neck.d_model=16",
+            "++model.image_encoder.neck.backbone_channel_list=[64,32,16,8]",
+            "++model.image_encoder.neck.position_encoding.num_pos_feats=16",
+            "++model.memory_attention.d_model=16",
+            "++model.memory_attention.num_layers=1",
+            "++model.memory_attention.layer.d_model=16",
+            "++model.memory_attention.layer.dim_feedforward=16",
+            "++model.memory_attention.layer.self_attention.embedding_dim=16",
+            "++model.memory_attention.layer.cross_attention.embedding_dim=16",
+            "++model.memory_attention.layer.cross_attention.kv_in_dim=8",
+            "++model.memory_encoder.in_dim=16",
+            "++model.memory_encoder.out_dim=8",
+            "++model.memory_encoder.position_encoding.num_pos_feats=8",
+            "++model.memory_encoder.mask_downsampler.embed_dim=16",
+            "++model.memory_encoder.fuser.layer.dim=16",
+            "++model.memory_encoder.fuser.num_layers=1",
+        ],
+    },
+}
+
+
+def tiny_config(output_dir: Path, **changes: object) -> dict:
+    """A recipe that overfits two synthetic scenes in a few seconds."""
+    config = {
+        "output_dir": str(output_dir),
+        "seed": 3,
+        "threads": 2,
+        "model": TINY_MODEL,
+        "tokenizer": {"vocab_size": 128},
+        "data": {"synthetic": {"seed": 5, "count": 2}, "prompts_per_image": 4},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 2, "min_lr_ratio": 0.1},
+        "steps": 30,
+        "batch_size": 2,
+        "checkpoint_every": 15,
+        "log_every": 5,
+    }
+    config.update(changes)
+    return config
+
+
+def write_config(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / LOG_FILE).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_files_have_the_fixture_layout() -> None:
+    for name, content in tokenizer_files(320).items():
+        assert json.loads((FIXTURE_CHECKPOINT / name).read_text()) == content, name
+
+
+def test_built_tokenizer_loads_and_covers_the_generator_vocabulary(tmp_path: Path) -> None:
+    folder = build_tokenizer(vocabulary_corpus(), tmp_path / "tok", vocab_size=128)
+    tokenizer = EvfTokenizer.from_folder(folder)
+    pieces = len(tokenizer.sp)
+    assert tokenizer.supports_semantic
+    assert tokenizer.added["<mask>"].id == pieces + 1
+    assert tokenizer.added["[semantic]"].id == pieces + 2
+    for sentence in vocabulary_corpus():
+        assert UNK_ID not in tokenizer.encode(sentence, semantic=True)
+    assert tokenizer.encode("all circles", semantic=True)[1] == pieces + 2
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_errors_are_listed(tmp_path: Path) -> None:
+    bad = tiny_config(tmp_path / "out", steps=0, train=["beit3"], data={"prompts_per_image": 2})
+    with pytest.raises(TrainConfigError) as err:
+        TrainConfig.from_yaml(write_config(tmp_path / "bad.yaml", bad))
+    message = str(err.value)
+    assert "steps" in message
+    assert "exactly one of data.manifest and data.synthetic" in message
+
+    partial = tiny_config(tmp_path / "out", train=["beit3", "projector"])
+    with pytest.raises(TrainConfigError, match="a new model must train every part"):
+        TrainConfig.from_yaml(write_config(tmp_path / "partial.yaml", partial))
+
+    both = tiny_config(tmp_path / "out", init_from=str(FIXTURE_CHECKPOINT))
+    with pytest.raises(TrainConfigError, match="exactly one of model"):
+        TrainConfig.from_yaml(write_config(tmp_path / "both.yaml", both))
+
+    sizes = tiny_config(tmp_path / "out", model={"beit3": TINY_MODEL["beit3"]})
+    with pytest.raises(TrainConfigError, match="sam2"):
+        TrainConfig.from_yaml(write_config(tmp_path / "sizes.yaml", sizes))
+
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(TrainConfigError, match="expected a mapping"):
+        TrainConfig.from_yaml(tmp_path / "list.yaml")
+
+
+def test_fine_tune_config_may_freeze_the_image_encoder(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "out", model=None, init_from=str(FIXTURE_CHECKPOINT), steps=1)
+    config["train"] = ["beit3", "projector", "mask_decoder"]
+    trainer = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "ft.yaml", config)))
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("visual_model.image_encoder.") for n in frozen)
+    assert not any(n.startswith(("mm_extractor.", "visual_model.sam_mask_decoder.")) for n in frozen)
+    assert trainer.tokenizer_dir == FIXTURE_CHECKPOINT
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_negative_expressions_become_two_positive_targets() -> None:
+    checked = 0
+    for index in range(40):
+        scene = generate_scene(11, index)
+        targets = {(t.prompt, t.semantic): t.mask for t in scene_targets(scene)}
+        for expr in scene.expressions:
+            if expr.kind != "negative":
+                assert np.array_equal(targets[(expr.prompt, expr.semantic)], expr.mask)
+                continue
+            positive = targets[(expr.prompt, expr.semantic)]
+            negative = targets[(expr.negative_prompt, False)]
+            assert np.array_equal(positive & ~negative, expr.mask)
+            assert np.array_equal(negative, phrase_mask(scene, expr.negative_prompt))
+            checked += 1
+    assert checked > 10
+
+
+def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> None:
+    manifest = write_dataset(7, 3, str(tmp_path / "data"))
+    source = ManifestImages(manifest)
+    assert len(source) == 3
+    scene = generate_scene(7, 1)
+    image, targets = source.load(1)
+    assert np.array_equal(image, scene.image)
+    expected = [e for e in scene.expressions if e.kind != "negative"]
+    assert [(t.prompt, t.semantic) for t in targets] == [(e.prompt, e.semantic) for e in expected]
+    for target, expr in zip(targets, expected, strict=True):
+        assert np.array_equal(target.mask, expr.mask)
+
+
+def test_step_batches_depend_only_on_the_step() -> None:
+    full = list(StepBatches(5, 3, seed=1, start=0, steps=6))
+    assert list(StepBatches(5, 3, seed=1, start=4, steps=6)) == full[4:]
+    assert all(step == k for k, batch in enumerate(full) for _, step in batch)
+    first_epochs = [index for batch in full[:5] for index, _ in batch][:15]
+    assert sorted(first_epochs) == sorted(list(range(5)) * 3)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An uninterrupted run.
+    straight = tmp_path / "straight"
+    final = train(write_config(tmp_path / "a.yaml", tiny_config(straight)))
+    assert final == straight / "checkpoint-30"
+    log = read_log(straight)
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], log
+    assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
+
+    predictor = EvfSam2Predictor.from_pretrained(final)
+    assert predictor.mode == "multitask" and predictor.supports_semantic
+    scene = generate_scene(5, 0)
+    prediction = predictor.predict(scene.image, scene.expressions[0].prompt)
+    assert prediction.mask.shape == scene.image.shape[:2]
+
+    # The same recipe, interrupted after the checkpoint at step 15, then re-run.
+    resumed = tmp_path / "resumed"
+    config_path = write_config(tmp_path / "b.yaml", tiny_config(resumed))
+    original_step = Trainer._step
+    calls = {"n": 0}
+
+    def crash_at_step_18(self: Trainer, batch: list) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] > 18:
+            raise KeyboardInterrupt
+        return original_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", crash_at_step_18)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_path)
+    monkeypatch.setattr(Trainer, "_step", original_step)
+    assert [r["step"] for r in read_log(resumed)] == [5, 10, 15]
+
+    with pytest.raises(FileExistsError, match="checkpoint-15"):
+        train(config_path, resume=False)
+    assert train(config_path) == resumed / "checkpoint-30"
+    assert [r["step"] for r in read_log(resumed)] == [5, 10, 15, 20, 25, 30]
+    a = torch.load(straight / "checkpoint-30" / STATE_FILE, weights_only=True)["model"]
+    b = torch.load(resumed / "checkpoint-30" / STATE_FILE, weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert train(config_path) == resumed / "checkpoint-30"  # already done: nothing to do
+
+
+# ----------------------------------------------------------------------------- the demo model
+
+
+def test_demo_model_is_shipped_small_and_good() -> None:
+    files = list(DEMO_MODEL_DIR.iterdir())
+    assert {f.name for f in files} >= {
+        "config.json",
+        "model.safetensors",
+        "sentencepiece.bpe.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    }
+    assert sum(f.stat().st_size for f in files) <= 15 * 1024 * 1024
+    predictor = EvfSam2Predictor.from_pretrained("evf-sam2-demo")
+    assert predictor.mode == "multitask" and predictor.supports_semantic
+    assert (
+        EvfSam2Predictor.from_pretrained(str(REPO / "evf" / "assets" / "evf-sam2-demo")).mode == "multitask"
+    )
+    scores = evaluate_synthetic(predictor, seed=9999, count=8)
+    assert scores["referring"]["miou"] > 0.8, scores
+    assert scores["semantic"]["miou"] > 0.8, scores
