@@ -32,12 +32,16 @@ from evf.request import OPTION_DEFAULTS, OPTION_NAMES
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "INSTANCE_TYPE",
     "METADATA_SCHEMA",
+    "RLE_TYPE",
     "STATUSES",
     "Committed",
     "OutputLayout",
+    "conform_metadata",
     "load_committed",
     "metadata_table",
+    "read_metadata",
     "write_metadata",
 ]
 
@@ -51,6 +55,22 @@ _OPTION_TYPES: dict[str, pa.DataType] = {
     else pa.bool_()
     for name, default in OPTION_DEFAULTS.items()
 }
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+"""COCO compressed RLE: ``{"size": [H, W], "counts": str}``."""
+
+INSTANCE_TYPE = pa.struct(
+    [
+        ("box", pa.list_(pa.float32(), 4)),
+        ("detector_score", pa.float32()),
+        ("mask_score", pa.float32()),
+        ("label", pa.string()),
+        ("rle", RLE_TYPE),
+    ]
+)
+"""One GroundingDINO box of a row (``evf.segment.SegmentResult.instances``): ``box`` ``[x, y, w, h]``
+float pixels, GroundingDINO's score, SAM 2's predicted IoU, the matched prompt words, and the COCO
+RLE of that box's own mask (before post-processing and negative subtraction)."""
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -67,7 +87,8 @@ METADATA_SCHEMA = pa.schema(
         ("area", pa.int64()),
         ("bbox", pa.list_(pa.int32(), 4)),
         ("score", pa.float32()),
-        ("rle", pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])),
+        ("rle", RLE_TYPE),
+        ("instances", pa.list_(INSTANCE_TYPE)),
         ("model_id", pa.string()),
         ("elapsed_ms", pa.float32()),
         ("run_id", pa.string()),
@@ -77,6 +98,8 @@ METADATA_SCHEMA = pa.schema(
 )
 """One row per manifest row. ``bbox`` is (x, y, w, h) of the final mask; ``rle`` is COCO compressed
 RLE (``{"size": [H, W], "counts": str}``, pycocotools-decodable); ``score`` the model's predicted IoU;
+``instances`` the GroundingDINO boxes of ``use_grounding_dino`` rows (``INSTANCE_TYPE``, highest
+detector score first; ``[]`` when no box passed the threshold; null for EVF rows and errors);
 ``elapsed_ms`` the row's share of the work (shared image read/decode/model calls split between the
 rows that share them); ``run_id`` the run that computed the row. Option columns hold the values used
 (null on rows whose options were invalid)."""
@@ -123,6 +146,21 @@ def _typed_option(name: str, value: Any) -> Any:
     )
 
 
+def _instances(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    return [
+        {
+            "box": [float(v) for v in item["box"]],
+            "detector_score": float(item["detector_score"]),
+            "mask_score": float(item["mask_score"]),
+            "label": item.get("label") or "",
+            "rle": {"size": [int(v) for v in item["rle"]["size"]], "counts": str(item["rle"]["counts"])},
+        }
+        for item in value
+    ]
+
+
 def metadata_row(record: Mapping[str, Any], *, model_id: str, run_id: str) -> dict[str, Any]:
     """The metadata row of a finished record (status ok/empty/error)."""
     request = record.get("request") or {}
@@ -145,6 +183,7 @@ def metadata_row(record: Mapping[str, Any], *, model_id: str, run_id: str) -> di
         bbox=result.get("bbox"),
         score=result.get("score"),
         rle=result.get("rle"),
+        instances=_instances(result.get("instances")),
         model_id=model_id,
         elapsed_ms=record.get("elapsed_ms"),
         run_id=run_id,
@@ -232,13 +271,29 @@ def load_committed(layout: OutputLayout, storage_options: Mapping[str, Any] | No
     return committed
 
 
+def conform_metadata(table: pa.Table) -> pa.Table:
+    """``table`` in ``METADATA_SCHEMA``: columns in order, missing ones (files written before a column
+    was added, e.g. ``instances``) as nulls, columns unknown to the schema dropped."""
+    if table.schema.equals(METADATA_SCHEMA):
+        return table
+    names = set(table.column_names)
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
+        for f in METADATA_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
+
+
 def read_metadata(root: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """All metadata rows of an output (for inspection and tests)."""
+    """All metadata rows of an output (for inspection and tests), in ``METADATA_SCHEMA``.
+
+    Files written by earlier versions (without the newer columns) read with those columns null.
+    """
     fs, paths = _metadata_files(OutputLayout(root), storage_options)
     tables = []
     for path in paths:
         with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+            tables.append(conform_metadata(pq.read_table(handle)))
     return pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
 
 

@@ -14,8 +14,8 @@ A manifest is one Parquet file or a folder of ``*.parquet`` files (any fsspec UR
 Each row becomes one *record* (a plain dict, JSON-serialisable) that travels through the job:
 ``id``, ``key``, ``image_url`` (resolved), ``prompt``, ``request`` (the validated fields, or None),
 ``status`` ("" = to do, "error" = invalid row, "skip" = already committed), ``error``, ``file``,
-``row``. ``key`` is a deterministic hash of (image_url, prompt, options, model id) and names the
-mask file.
+``row``. ``key`` is a deterministic hash of (image_url, prompt, options, model id, and for
+``use_grounding_dino`` rows the GroundingDINO model and thresholds) and names the mask file.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestFile",
+    "grounding_id",
     "record_from_row",
     "request_key",
     "resolve_image_url",
@@ -251,15 +252,33 @@ def read_rows(
 # --------------------------------------------------------------------------------------------------
 
 
-def request_key(image_url: str, prompt: Any, options: Mapping[str, Any], model_id: str) -> str:
-    """Deterministic 32-hex-digit key of (image_url, prompt, options, model id)."""
+def grounding_id(model: str | None, box_threshold: float, text_threshold: float) -> str:
+    """What a ``use_grounding_dino`` row's result depends on besides the request and the EVF model:
+    the GroundingDINO checkpoint and the job's thresholds (mixed into those rows' keys)."""
+    return json.dumps(
+        {"model": model, "box_threshold": float(box_threshold), "text_threshold": float(text_threshold)},
+        sort_keys=True,
+    )
+
+
+def request_key(
+    image_url: str, prompt: Any, options: Mapping[str, Any], model_id: str, grounding: str | None = None
+) -> str:
+    """Deterministic 32-hex-digit key of (image_url, prompt, options, model id[, grounding setup]).
+
+    ``grounding`` (``grounding_id(...)``) is given for ``use_grounding_dino`` rows only, so EVF rows'
+    keys do not depend on the GroundingDINO settings.
+    """
+    fields: dict[str, Any] = {
+        "image_url": image_url,
+        "prompt": prompt,
+        "options": dict(sorted(options.items())),
+        "model": model_id,
+    }
+    if grounding is not None:
+        fields["grounding"] = grounding
     payload = json.dumps(
-        {
-            "image_url": image_url,
-            "prompt": prompt,
-            "options": dict(sorted(options.items())),
-            "model": model_id,
-        },
+        fields,
         sort_keys=True,
         default=repr,
         ensure_ascii=False,
@@ -289,8 +308,12 @@ def record_from_row(
     defaults: Mapping[str, Any],
     model_id: str,
     committed: Mapping[str, str] | None = None,
+    grounding: str | None = None,
 ) -> dict[str, Any]:
-    """Validate one manifest row into a record (see the module docstring). Never raises for bad rows."""
+    """Validate one manifest row into a record (see the module docstring). Never raises for bad rows.
+
+    ``grounding``: the job's ``grounding_id(...)``, part of the key of ``use_grounding_dino`` rows.
+    """
     index = int(row["_row"])
     record_id = row_id(row.get(ID_COLUMN), file.name, index)
     raw_url = _clean("image_url", row.get("image_url"))
@@ -314,7 +337,13 @@ def record_from_row(
             options = parsed.options()
         except InvalidRequestError as exc:
             error = str(exc)
-    key = request_key(image_url if isinstance(image_url, str) else repr(image_url), prompt, options, model_id)
+    key = request_key(
+        image_url if isinstance(image_url, str) else repr(image_url),
+        prompt,
+        options,
+        model_id,
+        grounding if request is not None and request.get("use_grounding_dino") else None,
+    )
     status = "error" if error else ""
     stale = False
     if committed is not None and record_id in committed:

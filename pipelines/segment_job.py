@@ -28,7 +28,7 @@ from evf.io import redact, write_bytes
 from evf.model.checkpoint import DEMO_MODEL_ID
 from pipelines.commit import STATUSES, Committed, OutputLayout, clear_outputs, load_committed
 from pipelines.config import ConfigError, JobConfig
-from pipelines.manifest import Manifest, ManifestError, display_url, scan_manifest
+from pipelines.manifest import Manifest, ManifestError, display_url, grounding_id, scan_manifest
 from pipelines.stages import (
     FinishSettings,
     FinishStage,
@@ -238,6 +238,9 @@ def _build_dataset(
         defaults=config.defaults,
         model_id=config.model,
         committed=committed_ref,
+        grounding=grounding_id(
+            config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
+        ),
     )
     inference = config.inference
     node_cpus = ray.cluster_resources().get("CPU") if not config.ray.address else None

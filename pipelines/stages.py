@@ -202,15 +202,21 @@ def read_records(
     defaults: Mapping[str, Any],
     model_id: str,
     committed: Any = None,
+    grounding: str | None = None,
 ) -> pa.Table:
-    """Rows ``start..stop-1`` of a manifest file as validated records (``RECORD_SCHEMA``)."""
+    """Rows ``start..stop-1`` of a manifest file as validated records (``RECORD_SCHEMA``).
+
+    ``grounding``: ``pipelines.manifest.grounding_id(...)`` of the job (part of GroundingDINO rows' keys).
+    """
     if committed is not None and not isinstance(committed, Mapping):
         import ray
 
         committed = _get_cached(committed, ray.get)
     urls, statuses, payloads = [], [], []
     for row in read_rows(file, start, stop, storage.options(file.uri)):
-        record = record_from_row(row, file=file, defaults=defaults, model_id=model_id, committed=committed)
+        record = record_from_row(
+            row, file=file, defaults=defaults, model_id=model_id, committed=committed, grounding=grounding
+        )
         urls.append(record["image_url"])
         statuses.append(record["status"])
         payloads.append(json.dumps(record))
@@ -415,9 +421,18 @@ class InferenceStage:
     def _infer(self, images: list[Any], arrays: list[Any], items: list[tuple[int, Any]]) -> list[Any]:
         from evf.segment import infer_masks
 
-        if any(request.use_grounding_dino for _, request in items):
-            return infer_masks(self.predictor, images, items, detector=self._detector, detector_images=arrays)
-        return infer_masks(self.predictor, images, items)
+        needed = {index for index, request in items if request.use_grounding_dino}
+        if not needed:
+            return infer_masks(self.predictor, images, items)
+        # The detector's input: the original arrays of the GroundingDINO rows' images (copied: the
+        # arrays are read-only views of Arrow buffers, which the image processor's torch tensors dislike).
+        detector_images = [
+            None if array is None or index not in needed else np.array(array)
+            for index, array in enumerate(arrays)
+        ]
+        return infer_masks(
+            self.predictor, images, items, detector=self._detector, detector_images=detector_images
+        )
 
     def _infer_isolating(
         self, images: list[Any], arrays: list[Any], items: list[tuple[int, Any]]
@@ -564,6 +579,8 @@ def _finish_record(
         "bbox": [int(v) for v in result.bbox],
         "score": float(result.score),
         "rle": {"size": [int(v) for v in result.rle["size"]], "counts": str(result.rle["counts"])},
+        # GroundingDINO rows: the boxes and their masks (RLE) as the actor encoded them; None for EVF rows.
+        "instances": record.get("instances") if request.use_grounding_dino else None,
     }
     return png
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a local S3 (moto) server, per-test buckets, and real image files of odd kinds.
+"""Shared test fixtures: a local S3 (moto) server, per-test buckets, real image files of odd kinds,
+one local Ray for the whole session, and a tiny random-weights GroundingDINO checkpoint.
 
 Nothing here talks to anything but 127.0.0.1.
 """
@@ -217,6 +218,120 @@ def s3_bucket(s3_server: S3Server, _s3_client: Any) -> Iterator[tuple[str, dict[
 def fixture_dir() -> Path:
     """``tests/fixtures/evf-sam2-tiny``: the tiny checkpoint, cases.json, expected.npz and images/*.png."""
     return Path(__file__).parent / "fixtures" / "evf-sam2-tiny"
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny random-weights GroundingDINO in the Hub layout
+# --------------------------------------------------------------------------------------------------
+
+GROUNDING_WORDS = (
+    "a",
+    "the",
+    "red",
+    "blue",
+    "green",
+    "square",
+    "circle",
+    "dog",
+    "cat",
+    "left",
+    "right",
+    "big",
+)
+GROUNDING_NUM_QUERIES = 12
+
+
+def write_tiny_grounding_dino(folder: Path) -> Path:
+    """A random GroundingDINO in the Hub layout; BERT special ids where the model expects them.
+
+    config.json, model.safetensors, preprocessor_config.json and the tokenizer files; the vocabulary
+    knows ``GROUNDING_WORDS``; ``GROUNDING_NUM_QUERIES`` boxes per query before thresholds. Seeded:
+    the same weights every time. Needs ``transformers``.
+    """
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        SwinConfig,
+    )
+
+    folder.mkdir(parents=True)
+    # GroundingDINO hard-codes bert-base-uncased ids of [CLS] 101, [SEP] 102, "." 1012, "?" 1029.
+    vocab = [f"[unused{i}]" for i in range(1040)]
+    for index, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}.items():
+        vocab[index] = token
+    vocab[1012], vocab[1029] = ".", "?"
+    vocab[200 : 200 + len(GROUNDING_WORDS)] = GROUNDING_WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(
+            image_size=64,
+            embed_dim=8,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 1, 1],
+            window_size=4,
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        text_config=BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        ),
+        d_model=32,  # GroupNorm(32, d_model)
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        num_queries=GROUNDING_NUM_QUERIES,
+        max_text_len=32,
+    )
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(folder)
+    GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def grounding_dino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GroundingDINO checkpoint folder, written once per session (skips without transformers)."""
+    pytest.importorskip("transformers")
+    return write_tiny_grounding_dino(tmp_path_factory.mktemp("gdino") / "grounding-dino-tiny-random")
+
+
+# --------------------------------------------------------------------------------------------------
+# One local Ray for the session
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """One quiet local Ray (2 logical CPUs, like the project's machines), started on first use and
+    shut down at the end of the session; an already initialised Ray is reused (and left running).
+
+    Jobs run in the tests find it initialised and reuse it instead of starting their own.
+    """
+    import ray
+    import ray.data  # noqa: F401  (configures Ray Data's log handlers now, not inside a capsys test)
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------------

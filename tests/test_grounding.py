@@ -1,7 +1,8 @@
 """GroundingDINO path (``use_grounding_dino``): detector loading, detection, box-prompt masks, requests.
 
-The detector is a tiny random-weights GroundingDINO written by the test in the Hub's layout
-(config.json, model.safetensors, preprocessor_config.json, tokenizer files). Random weights give
+The detector is a tiny random-weights GroundingDINO in the Hub's layout (config.json,
+model.safetensors, preprocessor_config.json, tokenizer files), written once per session by
+``conftest.write_tiny_grounding_dino`` (the ``grounding_dino_dir`` fixture). Random weights give
 random boxes; thresholds 0.0 (every query's box) and 1.0 (none) reach the two paths.
 The box path is checked against ``sam2``'s own ``SAM2ImagePredictor.predict(box=...)`` on the
 same SAM 2 weights (the tiny EVF fixture's).
@@ -15,6 +16,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from conftest import GROUNDING_NUM_QUERIES
 from pycocotools import mask as coco_mask
 
 from evf import EvfSam2Predictor
@@ -34,69 +36,12 @@ from evf.segment import RawMasks, finish, infer_masks, load_detector, segment
 transformers = pytest.importorskip("transformers")
 
 EVF_CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
-WORDS = ("a", "the", "red", "blue", "green", "square", "circle", "dog", "cat", "left", "right", "big")
-NUM_QUERIES = 12
-
-
-def write_tiny_grounding_dino(folder: Path) -> Path:
-    """A random GroundingDINO in the Hub layout; BERT special ids where the model expects them."""
-    from transformers import (
-        BertConfig,
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        SwinConfig,
-    )
-
-    folder.mkdir(parents=True)
-    # GroundingDINO hard-codes bert-base-uncased ids of [CLS] 101, [SEP] 102, "." 1012, "?" 1029.
-    vocab = [f"[unused{i}]" for i in range(1040)]
-    for index, token in {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}.items():
-        vocab[index] = token
-    vocab[1012], vocab[1029] = ".", "?"
-    vocab[200 : 200 + len(WORDS)] = WORDS
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"))
-    config = GroundingDinoConfig(
-        backbone_config=SwinConfig(
-            image_size=64,
-            embed_dim=8,
-            depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 1, 1],
-            window_size=4,
-            out_features=["stage2", "stage3", "stage4"],
-        ),
-        text_config=BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=64,
-        ),
-        d_model=32,  # GroupNorm(32, d_model)
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        num_queries=NUM_QUERIES,
-        max_text_len=32,
-    )
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(folder)
-    GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+NUM_QUERIES = GROUNDING_NUM_QUERIES
 
 
 @pytest.fixture(scope="module")
-def dino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_grounding_dino(tmp_path_factory.mktemp("gdino") / "grounding-dino-tiny-random")
+def dino_dir(grounding_dino_dir: Path) -> Path:
+    return grounding_dino_dir  # conftest.write_tiny_grounding_dino, once per session
 
 
 @pytest.fixture(scope="module")

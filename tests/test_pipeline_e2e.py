@@ -1,7 +1,8 @@
 """End-to-end tests of the Ray Data job (``evf run``) with the tiny fixture checkpoint.
 
-One local Ray instance (2 logical CPUs, like the project's machines) serves every test of this module;
-the resume test runs the job in a subprocess with its own Ray and kills that driver part-way.
+One local Ray instance (2 logical CPUs, like the project's machines; ``conftest.ray_session``) serves
+every test of the session that needs one; the resume test runs the job in a subprocess with its own
+Ray and kills that driver part-way.
 """
 
 from __future__ import annotations
@@ -38,22 +39,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 SAMPLE = REPO / "examples" / "sample" / "manifest.parquet"
 FAST = {"progress": False, "cpu.batch_size": 16, "inference.batch_size": 4, "model": str(TINY)}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One quiet local Ray (2 logical CPUs) for the module; shut down at the end."""
-    import ray
-    import ray.data  # noqa: F401  (configures Ray Data's log handlers now, not inside a capsys test)
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def job(manifest: str, output: str, **overrides: Any):
@@ -134,7 +119,7 @@ def check_outputs(
 
 
 # --------------------------------------------------------------------------------------------------
-# Resume after the driver is killed (first: it starts its own Ray, before this module's one exists)
+# Resume after the driver is killed (the job runs in a subprocess that starts its own Ray)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -252,7 +237,7 @@ def _wait_until_stable(output: Path, quiet: float = 2.0, limit: float = 30.0) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def test_readme_command_on_sample_manifest(ray_local, tmp_path, capsys, fixture_dir):
+def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixture_dir):
     """``evf run configs/local.yaml`` (the README command) with the tiny model instead of the demo one."""
     from evf.cli import main
     from evf.predictor import EvfSam2Predictor
@@ -412,7 +397,7 @@ def _bad_rows_manifest(
     return root, [r["id"] for r in rows], errors
 
 
-def test_local_bad_rows_all_accounted_for(ray_local, tmp_path):
+def test_local_bad_rows_all_accounted_for(ray_session, tmp_path):
     root = tmp_path / "data"
     manifest, ids, errors = _bad_rows_manifest(str(root), None, tmp_path)
     summary = run_job(job(manifest, str(tmp_path / "out")))
@@ -427,7 +412,7 @@ def test_local_bad_rows_all_accounted_for(ray_local, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_s3_end_to_end(ray_local, s3_server, s3_bucket, monkeypatch, tmp_path, capfd, caplog):
+def test_s3_end_to_end(ray_session, s3_server, s3_bucket, monkeypatch, tmp_path, capfd, caplog):
     bucket, storage_options = s3_bucket
     root = f"s3://{bucket}/data"
     manifest, ids, errors = _bad_rows_manifest(root, storage_options, tmp_path, parts=2)  # a folder
@@ -462,7 +447,7 @@ def test_s3_end_to_end(ray_local, s3_server, s3_bucket, monkeypatch, tmp_path, c
 # --------------------------------------------------------------------------------------------------
 
 
-def test_resume_keeps_changed_rows_and_overwrite_redoes_them(ray_local, tmp_path):
+def test_resume_keeps_changed_rows_and_overwrite_redoes_them(ray_session, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(SAMPLE.parent / "images", data / "images")
     table = pq.read_table(SAMPLE).slice(0, 5).drop_columns(["id"])  # derived ids: "manifest.parquet:<row>"
@@ -488,13 +473,13 @@ def test_resume_keeps_changed_rows_and_overwrite_redoes_them(ray_local, tmp_path
     )
 
 
-def test_actor_pool_that_would_starve_the_cpu_stages_is_refused(ray_local, tmp_path):
+def test_actor_pool_that_would_starve_the_cpu_stages_is_refused(ray_session, tmp_path):
     """2 actors x 1 CPU on 2 CPUs would hang Ray Data (no CPU left for read/decode/write tasks)."""
     with pytest.raises(ConfigError, match="would hang"):
         run_job(job(str(SAMPLE), str(tmp_path / "out"), **{"inference.actors": 2, "inference.num_cpus": 1}))
 
 
-def test_two_actors_with_fractional_cpus_finish(ray_local, tmp_path):
+def test_two_actors_with_fractional_cpus_finish(ray_session, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(SAMPLE.parent / "images", data / "images")
     pq.write_table(pq.read_table(SAMPLE).slice(0, 12), data / "manifest.parquet")
