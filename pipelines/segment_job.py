@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from evf.io import redact, write_bytes
+from evf.io import open_filesystem, redact, write_bytes
 from evf.model.checkpoint import DEMO_MODEL_ID
 from pipelines.commit import STATUSES, Committed, OutputLayout, clear_outputs, load_committed
 from pipelines.config import ConfigError, JobConfig
@@ -415,6 +415,37 @@ def run_job(config: JobConfig) -> JobSummary:
     return summary
 
 
+def _asks_for_semantic(config: JobConfig, manifest: Manifest, storage: Storage) -> bool:
+    """True when the job default or any manifest row sets ``semantic_type`` (reads that column only)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if config.defaults.get("semantic_type"):
+        return True
+    for file in manifest.files:
+        if "semantic_type" not in file.columns:
+            continue
+        fs, path = open_filesystem(file.uri, storage.options(file.uri))
+        with fs.open(path, "rb") as handle:
+            column = pq.read_table(handle, columns=["semantic_type"]).column(0)
+        if pc.any(pc.equal(column.cast("bool"), True)).as_py():
+            return True
+    return False
+
+
+def _warn_if_semantic_unsupported(
+    config: JobConfig, manifest: Manifest, model_info: ModelInfo, storage: Storage
+) -> None:
+    """Once per job: semantic rows with a checkpoint whose tokenizer has no ``[semantic]`` token."""
+    if not model_info.supports_semantic and _asks_for_semantic(config, manifest, storage):
+        log.warning(
+            "Rows ask for semantic_type=true but model %s has no [semantic] token: the prefix is read "
+            "as plain text. Semantic-level segmentation needs a -multitask checkpoint "
+            "(e.g. YxZhang/evf-sam2-multitask).",
+            display_url(config.model),
+        )
+
+
 def _run_pipeline(
     config: JobConfig,
     manifest: Manifest,
@@ -444,6 +475,7 @@ def _run_pipeline(
         model_info.sam_image_size,
         " (demo model)" if model_info.is_demo_model else "",
     )
+    _warn_if_semantic_unsupported(config, manifest, model_info, storage)
     stale = 0
     with _data_context(config):
         dataset = _build_dataset(config, manifest, committed, model_info, storage, run_id)

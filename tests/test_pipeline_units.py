@@ -367,3 +367,38 @@ def test_cli_job_failure_exit_code(tmp_path, capsys):
     code = main(["run", "--manifest", str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "o")])
     assert code == 1
     assert "job failed" in capsys.readouterr().err
+
+
+def _checkpoint_without_semantic(tmp_path: Path) -> Path:
+    """The tiny checkpoint with the [semantic] token removed (as the non-multitask checkpoints)."""
+    folder = tmp_path / "no-semantic"
+    folder.mkdir()
+    for file in TINY.iterdir():
+        if file.name != "added_tokens.json":
+            (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        k: v for k, v in config["added_tokens_decoder"].items() if v["content"] != "[semantic]"
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(("semantic_rows", "warned"), [([False, True], True), ([False, False], False)])
+def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
+    tmp_path, caplog, semantic_rows, warned
+):
+    from pipelines.segment_job import _warn_if_semantic_unsupported
+
+    manifest_path = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"image_url": ["a.png"] * 2, "prompt": ["x", "y"], "semantic_type": semantic_rows}),
+        manifest_path,
+    )
+    checkpoint = _checkpoint_without_semantic(tmp_path)
+    config = load_config(overrides={"manifest": str(manifest_path), "model": str(checkpoint)})
+    info = probe_model(str(checkpoint), None, Storage())
+    assert not info.supports_semantic and info.mode == "legacy"
+    with caplog.at_level("WARNING"):
+        _warn_if_semantic_unsupported(config, scan_manifest(str(manifest_path)), info, Storage())
+    assert sum("[semantic]" in r.getMessage() for r in caplog.records) == (1 if warned else 0)
