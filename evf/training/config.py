@@ -42,10 +42,15 @@ class TokenizerSpec(_Strict):
 
 
 class SyntheticSpec(_Strict):
-    """Scenes ``0..count-1`` of ``evf.synthetic.generate_scene(seed, index)``, generated on the fly."""
+    """Scenes ``0..count-1`` of ``evf.synthetic.generate_scene(seed, index)``, generated on the fly.
+
+    every_phrase: train on every phrase that names something in a scene (each referring phrase of
+        each object, each group, background) rather than only the expressions the generator drew.
+    """
 
     seed: int
     count: int = Field(gt=0)
+    every_phrase: bool = False
 
 
 class DataSpec(_Strict):

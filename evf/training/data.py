@@ -109,19 +109,41 @@ def scene_targets(scene: Scene) -> list[Target]:
     return list(targets.values())
 
 
-class SyntheticScenes:
-    """Scenes ``0..count-1`` of generator seed ``seed`` (about 6 ms each, so made on demand)."""
+def every_phrase_target(scene: Scene) -> list[Target]:
+    """Every phrase the generator could have drawn for ``scene``: each referring phrase of each
+    object (``referring_candidates``), each group (``all circles``, ``all red shapes``, semantic)
+    and ``background`` (semantic). A superset of ``scene_targets``."""
+    objects = scene.objects
+    h, w = scene.image.shape[:2]
+    targets = [
+        Target(phrase, False, obj.mask)
+        for i, obj in enumerate(objects)
+        for phrase in referring_candidates(objects, i, h, w)
+    ]
+    groups = dict.fromkeys(f"all {PLURALS[o.shape]}" for o in objects)
+    groups.update(dict.fromkeys(f"all {o.colour} shapes" for o in objects))
+    targets += [Target(text, True, phrase_mask(scene, text)) for text in [*groups, BACKGROUND]]
+    return targets
 
-    def __init__(self, seed: int, count: int) -> None:
+
+class SyntheticScenes:
+    """Scenes ``0..count-1`` of generator seed ``seed`` (about 6 ms each, so made on demand).
+
+    With ``every_phrase`` an image brings all its possible phrases (``every_phrase_target``), not
+    only the expressions the generator drew: more distinct targets per encoded image.
+    """
+
+    def __init__(self, seed: int, count: int, every_phrase: bool = False) -> None:
         self.seed = seed
         self.count = count
+        self.every_phrase = every_phrase
 
     def __len__(self) -> int:
         return self.count
 
     def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
         scene = generate_scene(self.seed, index)
-        return scene.image, scene_targets(scene)
+        return scene.image, (every_phrase_target if self.every_phrase else scene_targets)(scene)
 
     def corpus(self) -> list[str]:
         return vocabulary_corpus()

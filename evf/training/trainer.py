@@ -36,7 +36,7 @@ from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.tokenizer import SPM_FILE, EvfTokenizer
-from evf.training.config import Part, TrainConfig, fill_model_defaults
+from evf.training.config import DataSpec, Part, TrainConfig, fill_model_defaults
 from evf.training.data import (
     ImageSource,
     ManifestImages,
@@ -99,6 +99,29 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()
+def init_projector(model: EvfSam2Model) -> None:
+    """Initialise a new model's projector (Linear-ReLU-Linear) to keep the CLS token's scale.
+
+    SAM 2's decoder tokens start at unit scale per dimension. With PyTorch's default init the
+    projector shrinks BEiT-3's layer-normalised CLS token about 20x, the decoder first learns to
+    segment without looking at the prompt and then stays there. He-normal weights and zero biases
+    keep the prompt token at the decoder's scale, so the prompt is used from the first steps.
+    """
+    for layer in model.text_hidden_fcs[0]:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+
+def make_source(data: DataSpec) -> ImageSource:
+    """The image source a config's ``data`` section names."""
+    if data.synthetic is not None:
+        return SyntheticScenes(data.synthetic.seed, data.synthetic.count, data.synthetic.every_phrase)
+    assert data.manifest is not None  # DataSpec guarantees exactly one source
+    return ManifestImages(data.manifest, data.storage_options)
+
+
 class Trainer:
     """Builds the model, data and optimiser of a ``TrainConfig`` and runs the steps."""
 
@@ -108,12 +131,7 @@ class Trainer:
         self.device = torch.device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        data = config.data
-        self.source: ImageSource = (
-            ManifestImages(data.manifest, data.storage_options)
-            if data.manifest is not None
-            else SyntheticScenes(data.synthetic.seed, data.synthetic.count)  # type: ignore[union-attr]
-        )
+        self.source = make_source(config.data)
         self.output.mkdir(parents=True, exist_ok=True)
         self.init_folder = resolve_checkpoint(config.init_from) if config.init_from else None
         self.tokenizer_dir = self._tokenizer_dir()
@@ -155,7 +173,9 @@ class Trainer:
                 f"{largest_id}; leave vocab_size out to size it from the tokenizer ({needed})"
             )
         torch.manual_seed(self.config.seed)
-        return EvfSam2Model(config, device=self.device)
+        model = EvfSam2Model(config, device=self.device)
+        init_projector(model)
+        return model
 
     def _set_trainable(self, parts: list[Part]) -> list[nn.Parameter]:
         prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
