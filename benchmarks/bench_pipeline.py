@@ -38,6 +38,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from pipelines.cli import add_overrides_argument  # noqa: E402
+
 FIXTURE = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 THROUGHPUT_TARGET = 0.8
 MEMORY_TARGET = 0.15
@@ -221,14 +223,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(FIXTURE), help="checkpoint (default: the tiny test fixture)")
     parser.add_argument("--rows", type=int, nargs=2, default=[200, 2000], metavar=("SMALL", "LARGE"))
     parser.add_argument("--prompts-per-image", type=int, default=4)
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="job config overrides",
-    )
+    add_overrides_argument(parser, "job config overrides")
     parser.add_argument("--workdir", help="keep data and outputs here (default: a temporary folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -378,6 +378,8 @@ def evaluate(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipelines.cli import add_overrides_argument
+
     parser.add_argument(
         "--manifest", required=True, help="Parquet manifest with a mask_url column (ground truth)"
     )
@@ -388,13 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", help="keep the job's masks and metadata here (default: a temp dir, deleted)"
     )
     parser.add_argument("--config", help="job config YAML (default: configs/local.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a job config field, e.g. --set inference.batch_size=4 --set progress=false",
+    add_overrides_argument(
+        parser, "override a job config field, e.g. --set inference.batch_size=4 --set progress=false"
     )
 
 

@@ -18,6 +18,13 @@ log = logging.getLogger("evf.run")
 QUIET_LIBRARIES = ("botocore", "aiobotocore", "boto3", "s3fs", "urllib3", "fsspec", "aiohttp")
 
 
+def add_overrides_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, for ``load_config``'s overrides."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config",
@@ -39,13 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda (inference.device)")
     parser.add_argument("--ray-address", help="existing Ray cluster: auto or ray://host:10001 (ray.address)")
     parser.add_argument("--grounding-model", help="GroundingDINO checkpoint for use_grounding_dino rows")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field, e.g. --set cpu.batch_size=64 --set defaults.mask_only=false",
+    add_overrides_argument(
+        parser, "override any config field, e.g. --set cpu.batch_size=64 --set defaults.mask_only=false"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
