@@ -126,10 +126,6 @@ def test_config_errors_are_listed(tmp_path: Path) -> None:
     assert "steps" in message
     assert "exactly one of data.manifest and data.synthetic" in message
 
-    partial = tiny_config(tmp_path / "out", train=["beit3", "projector"])
-    with pytest.raises(TrainConfigError, match="a new model must train every part"):
-        TrainConfig.from_yaml(write_config(tmp_path / "partial.yaml", partial))
-
     both = tiny_config(tmp_path / "out", init_from=str(FIXTURE_CHECKPOINT))
     with pytest.raises(TrainConfigError, match="exactly one of model"):
         TrainConfig.from_yaml(write_config(tmp_path / "both.yaml", both))
@@ -151,6 +147,26 @@ def test_fine_tune_config_may_freeze_the_image_encoder(tmp_path: Path) -> None:
     assert any(n.startswith("visual_model.image_encoder.") for n in frozen)
     assert not any(n.startswith(("mm_extractor.", "visual_model.sam_mask_decoder.")) for n in frozen)
     assert trainer.tokenizer_dir == FIXTURE_CHECKPOINT
+
+
+def test_new_model_may_freeze_parts_and_scale_their_learning_rate(tmp_path: Path) -> None:
+    optimizer = {**tiny_config(tmp_path)["optimizer"], "lr_scale": {"mask_decoder": 0.5}}
+    config = tiny_config(tmp_path / "out", steps=2, checkpoint_every=2, optimizer=optimizer)
+    config["train"] = ["beit3", "projector", "mask_decoder", "prompt_encoder"]
+    trainer = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "frozen.yaml", config)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert not any(n.startswith("visual_model.image_encoder.") for n in changed)
+    assert any(n.startswith("mm_extractor.") for n in changed)
+    assert any(n.startswith("visual_model.sam_mask_decoder.") for n in changed)
+    decoder = {id(p) for p in trainer.model.visual_model.sam_mask_decoder.parameters()}
+    lrs = {any(id(p) in decoder for p in g["params"]): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[True] == pytest.approx(0.5 * lrs[False])
+
+    config["optimizer"]["lr_scale"] = {"image_encoder": 0.1}
+    with pytest.raises(TrainConfigError, match="not trained: image_encoder"):
+        TrainConfig.from_yaml(write_config(tmp_path / "bad-scale.yaml", config))
 
 
 # ----------------------------------------------------------------------------- data
@@ -261,9 +277,9 @@ def test_demo_model_is_shipped_small_and_loads() -> None:
     assert (
         EvfSam2Predictor.from_pretrained(str(REPO / "evf" / "assets" / "evf-sam2-demo")).mode == "multitask"
     )
-    # A regression guard at the level the shipped model reaches today (held-out seed 9999, 30
-    # scenes: referring 0.36, semantic 0.64);
-    # issue 5's bar (0.90 / 0.85) is not met yet.
+    # A regression guard at the level the shipped model reaches (held-out seed 9999, 500 scenes:
+    # referring 0.50, semantic 0.73; these 8 scenes: 0.51, 0.77); issue 5's bar (0.90 / 0.85) is
+    # not met yet (docs/training.md).
     scores = evaluate_synthetic(predictor, seed=9999, count=8)
-    assert scores["referring"]["miou"] > 0.25, scores
-    assert scores["semantic"]["miou"] > 0.5, scores
+    assert scores["referring"]["miou"] > 0.45, scores
+    assert scores["semantic"]["miou"] > 0.70, scores

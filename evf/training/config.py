@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,9 +77,14 @@ class DataSpec(_Strict):
 
 
 class OptimizerSpec(_Strict):
-    """AdamW with linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    """AdamW with linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` at the last step.
+
+    ``lr_scale`` multiplies the learning rate of some parts (e.g. ``{image_encoder: 0.1}``); the
+    other trained parts use ``lr``.
+    """
 
     lr: float = Field(1e-4, gt=0)
+    lr_scale: dict[Part, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(0, ge=0)
@@ -147,11 +152,9 @@ class TrainConfig(_Strict):
     def _model_or_checkpoint(self) -> TrainConfig:
         if (self.model is None) == (self.init_from is None):
             raise ValueError("set exactly one of model (a new model) and init_from (a checkpoint)")
-        if self.model is not None and set(self.train) != set(ALL_PARTS):
-            raise ValueError(
-                f"a new model must train every part ({', '.join(ALL_PARTS)}); "
-                f"train lists only {', '.join(self.train)}"
-            )
+        untrained = sorted(set(self.optimizer.lr_scale) - set(self.train))
+        if untrained:
+            raise ValueError(f"optimizer.lr_scale names parts that are not trained: {', '.join(untrained)}")
         return self
 
     @classmethod

@@ -140,7 +140,8 @@ class Trainer:
         self.mode = self.model.config.inference_mode or (
             "multitask" if self.tokenizer.supports_semantic else "legacy"
         )
-        self.trainable = self._set_trainable(config.train)
+        self.trainable_by_part = self._set_trainable(config.train)
+        self.trainable = [p for params in self.trainable_by_part.values() for p in params]
         self.optimizer = self._build_optimizer()
         opt = config.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -177,29 +178,30 @@ class Trainer:
         init_projector(model)
         return model
 
-    def _set_trainable(self, parts: list[Part]) -> list[nn.Parameter]:
-        prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
-        trainable = []
+    def _set_trainable(self, parts: list[Part]) -> dict[Part, list[nn.Parameter]]:
+        """Freeze everything outside ``parts``; returns the trainable parameters of each part."""
+        by_part: dict[Part, list[nn.Parameter]] = {part: [] for part in parts}
         for name, param in self.model.named_parameters():
-            param.requires_grad_(name.startswith(prefixes))
-            if param.requires_grad:
-                trainable.append(param)
-        return trainable
+            part = next((p for p in parts if name.startswith(PART_PREFIXES[p])), None)
+            param.requires_grad_(part is not None)
+            if part is not None:
+                by_part[part].append(param)
+        return by_part
 
     def _build_optimizer(self) -> torch.optim.AdamW:
-        """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales)."""
+        """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales);
+        each part's learning rate is ``lr`` times its ``lr_scale`` (1 when not listed)."""
         opt = self.config.optimizer
-        decay = [p for p in self.trainable if p.ndim >= 2]
-        no_decay = [p for p in self.trainable if p.ndim < 2]
-        return torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": opt.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=opt.lr,
-            betas=opt.betas,
-            fused=True,
-        )
+        groups = []
+        for part, params in self.trainable_by_part.items():
+            lr = opt.lr * opt.lr_scale.get(part, 1.0)
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups += [
+                {"params": decay, "weight_decay": opt.weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+            ]
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save(self, step: int) -> Path:
