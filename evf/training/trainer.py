@@ -301,7 +301,8 @@ class Trainer:
                 if done % config.log_every == 0 or done == config.steps:
                     count = config.log_every if done % config.log_every == 0 else done % config.log_every
                     record = {"step": done, **{k: round(v / count, 6) for k, v in totals.items()}}
-                    record["lr"] = self.scheduler.get_last_lr()[0]
+                    opt = config.optimizer  # the base lr (parts with an lr_scale get a multiple)
+                    record["lr"] = opt.lr * lr_factor(done, opt.warmup_steps, config.steps, opt.min_lr_ratio)
                     record["seconds"] = round(time.monotonic() - began, 1)
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
