@@ -143,13 +143,13 @@ class Trainer:
         self.trainable_by_part = self._set_trainable(config.train)
         self.trainable = [p for params in self.trainable_by_part.values() for p in params]
         self.optimizer = self._build_optimizer()
-        opt = config.optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, opt.warmup_steps, config.steps, opt.min_lr_ratio),
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     # -- setup --------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        opt = self.config.optimizer
+        return lr_factor(step, opt.warmup_steps, self.config.steps, opt.min_lr_ratio)
+
     def _tokenizer_dir(self) -> Path:
         if self.init_folder is not None:
             return self.init_folder
@@ -301,8 +301,8 @@ class Trainer:
                 if done % config.log_every == 0 or done == config.steps:
                     count = config.log_every if done % config.log_every == 0 else done % config.log_every
                     record = {"step": done, **{k: round(v / count, 6) for k, v in totals.items()}}
-                    opt = config.optimizer  # the base lr (parts with an lr_scale get a multiple)
-                    record["lr"] = opt.lr * lr_factor(done, opt.warmup_steps, config.steps, opt.min_lr_ratio)
+                    # the base lr (parts with an lr_scale get a multiple of it)
+                    record["lr"] = config.optimizer.lr * self._lr_factor(done)
                     record["seconds"] = round(time.monotonic() - began, 1)
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
