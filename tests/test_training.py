@@ -169,6 +169,18 @@ def test_new_model_may_freeze_parts_and_scale_their_learning_rate(tmp_path: Path
         TrainConfig.from_yaml(write_config(tmp_path / "bad-scale.yaml", config))
 
 
+def test_new_model_image_encoder_tells_positions_apart(tmp_path: Path) -> None:
+    """sam2 builds Hiera's positional embeddings as zeros (they always come from a checkpoint); a new
+    model gets sine-cosine ones, so no two window positions or background cells look the same."""
+    config = tiny_config(tmp_path / "out", steps=1)
+    trainer = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "new.yaml", config)))
+    trunk = trainer.model.visual_model.image_encoder.trunk
+    for table in (trunk.pos_embed, trunk.pos_embed_window):
+        vectors = table.detach()[0].flatten(1).T  # (positions, channels)
+        distances = torch.cdist(vectors, vectors) + torch.eye(len(vectors)) * 1e3
+        assert distances.min() > 0.1
+
+
 # ----------------------------------------------------------------------------- data
 
 

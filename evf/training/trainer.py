@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -114,6 +114,30 @@ def init_projector(model: EvfSam2Model) -> None:
             nn.init.zeros_(layer.bias)
 
 
+def sine_cosine_table(dim: int, height: int, width: int) -> Tensor:
+    """(1, dim, height, width) 2-D sine-cosine positions: a quarter of the channels each holds
+    sin(y f), cos(y f), sin(x f), cos(x f) over geometric frequencies f; leftover channels are 0."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    parts = [f(pos[None] * freq[:, None, None]) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat([*parts, torch.zeros(dim - 4 * quarter, height, width)])[None]
+
+
+@torch.no_grad()
+def init_image_encoder_positions(model: EvfSam2Model) -> None:
+    """Give a new model's Hiera trunk sine-cosine positional embeddings.
+
+    sam2 creates ``pos_embed`` (background, interpolated to the feature size) and
+    ``pos_embed_window`` (tiled over the windows) as zeros, since they always come from a
+    checkpoint. Left at zero, attention inside a window cannot tell where its tokens are, and the
+    frozen random encoder's features carry no position for the decoder's prompt token to gather.
+    """
+    trunk = model.visual_model.image_encoder.trunk
+    for param in (trunk.pos_embed, trunk.pos_embed_window):
+        param.copy_(sine_cosine_table(*param.shape[1:]))
+
+
 def make_source(data: DataSpec) -> ImageSource:
     """The image source a config's ``data`` section names."""
     if data.synthetic is not None:
@@ -176,6 +200,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = EvfSam2Model(config, device=self.device)
         init_projector(model)
+        init_image_encoder_positions(model)
         return model
 
     def _set_trainable(self, parts: list[Part]) -> dict[Part, list[nn.Parameter]]:
