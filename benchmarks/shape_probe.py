@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evf.model.checkpoint import DEMO_MODEL_DIR
 from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.synthetic import SHAPES, generate_scene
@@ -55,8 +55,7 @@ class HieraProbe(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        demo = resources.files("evf") / "assets" / "evf-sam2-demo" / "config.json"
-        config = json.loads(demo.read_text())
+        config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
         config["sam2"]["overrides"].append(f"++model.image_size={SIZE}")
         self.model = EvfSam2Model(EvfSam2Config.from_dict(config))
         init_image_encoder_positions(self.model)  # as `evf train` does for a new model
