@@ -1,12 +1,12 @@
-"""GroundingDINO boxes, segmented by the EVF checkpoint's own SAM 2 with box prompts.
+"""GroundingDINO: boxes for a text query, which the EVF checkpoint's own SAM 2 then segments.
 
 Requests with ``use_grounding_dino: true`` take this path instead of BEiT-3 (see
 ``docs/grounding.md``):
 
 1. ``GroundingDetector.detect``: the detector (``transformers``' ``GroundingDinoForObjectDetection``)
    finds boxes for each (image, text) query; boxes with a score above ``box_threshold`` are kept.
-2. ``segment_boxes``: every box of a batch goes through SAM 2's prompt encoder and mask decoder in
-   one call, against the image embeddings the EVF path computed (``EvfSam2Predictor.embed_images``).
+2. ``EvfSam2Predictor.predict_boxes``: every box of a batch goes through SAM 2's prompt encoder and
+   mask decoder in one call, against the image embeddings the EVF path computed (``embed_images``).
    SAM 2 is frozen in EVF-SAM2, so the checkpoint's SAM 2 weights are the stock ones; the box path
    is exactly ``SAM2ImagePredictor.predict(box=..., multimask_output=False)``.
 
@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evf.errors import UserError
 from evf.model.checkpoint import CheckpointError, CheckpointLayout, resolve_checkpoint
-from evf.predictor import EmbeddedImages, EvfSam2Predictor
 
 DEFAULT_BOX_THRESHOLD = 0.35
 DEFAULT_TEXT_THRESHOLD = 0.25
 DEFAULT_MAX_DETECTIONS = 100
-HUB_MODELS = ("IDEA-Research/grounding-dino-tiny", "IDEA-Research/grounding-dino-base")
 
 GROUNDING_LAYOUT = CheckpointLayout(
     "GroundingDINO",
@@ -60,11 +59,8 @@ GROUNDING_LAYOUT = CheckpointLayout(
     option="--grounding-model",
 )
 
-# SAM 2 labels of a box prompt's two corners (top-left, bottom-right).
-_BOX_CORNER_LABELS = (2, 3)
 
-
-class MissingDetectorError(ValueError):
+class MissingDetectorError(UserError, ValueError):
     """A request asks for GroundingDINO but no detector was given."""
 
 
@@ -95,19 +91,6 @@ class DetectorImage:
 
     pixels: Tensor
     size: tuple[int, int]
-
-
-@dataclass
-class BoxMasks:
-    """SAM 2 masks for the K boxes of one item of ``segment_boxes``, at the original image size.
-
-    masks: (K, H, W) bool (= logits > 0); scores: (K,) float32 predicted IoU;
-    logits: (K, H, W) float32 when asked for (``return_logits=True``), else None.
-    """
-
-    masks: np.ndarray
-    scores: np.ndarray
-    logits: np.ndarray | None = None
 
 
 def normalize_caption(text: str) -> str:
@@ -316,63 +299,3 @@ class GroundingDetector:
                 labels.append(phrase.replace(" .", "").strip(" ."))
             result.append(Detections(xyxy.numpy().astype(np.float32), scores[row, keep].numpy(), labels))
         return result
-
-
-def segment_boxes(
-    predictor: EvfSam2Predictor,
-    embedded: EmbeddedImages,
-    items: Sequence[tuple[int, np.ndarray]],
-    *,
-    return_logits: bool = False,
-) -> list[BoxMasks]:
-    """SAM 2 masks for box prompts on already embedded images: one decoder call for all boxes.
-
-    Args:
-        items: ``(image index into embedded.images, boxes)``, boxes (K, 4) ``(x0, y0, x1, y1)``
-            in that image's original pixels; K may be 0.
-
-    Each box is a prompt of its own (``multimask_output=False``, the standard box path, with
-    SAM 2's stability fallback). Coordinates are divided by the original width/height and
-    scaled to the SAM 2 input size, as ``SAM2ImagePredictor`` does (its input is a plain
-    stretch of the image to S x S, as the EVF path's).
-
-    Returns:
-        one ``BoxMasks`` per item, in order.
-    """
-    model = predictor.model
-    size = model.sam_image_size
-    device = predictor.device
-    arrays = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for _, b in items]
-    counts = [len(a) for a in arrays]
-    sizes = [embedded.images[i].size for i, _ in items]
-    if sum(counts) == 0:
-        return [BoxMasks(np.zeros((0, *s), bool), np.zeros(0, np.float32)) for s in sizes]
-    rows = [i for (i, _), k in zip(items, counts, strict=True) for _ in range(k)]
-    row_sizes = [s for s, k in zip(sizes, counts, strict=True) for _ in range(k)]
-    with predictor._inference():
-        coords = torch.as_tensor(np.concatenate(arrays), dtype=torch.float, device=device).reshape(-1, 2, 2)
-        hw = torch.tensor(row_sizes, dtype=torch.float, device=device)  # (N, 2) = (H, W)
-        coords = torch.stack([coords[..., 0] / hw[:, 1:2], coords[..., 1] / hw[:, 0:1]], dim=-1) * size
-        labels = torch.tensor([_BOX_CORNER_LABELS], dtype=torch.int, device=device).repeat(len(rows), 1)
-        # A model cast to half precision (autocast off) has a half Fourier matrix that the prompt
-        # encoder multiplies with float32 coordinates: run that small step under autocast.
-        half_weights = predictor.dtype != torch.float32 and not predictor.use_autocast
-        with torch.autocast(device.type, dtype=predictor.dtype, enabled=half_weights):
-            sparse, _ = model.visual_model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        embeddings = embedded.embeddings
-        index = torch.tensor(rows, device=device)
-        low_res, iou = model.decode_masks(
-            embeddings.select(index), sparse.to(embeddings.image_embed.dtype), multimask=False
-        )
-        logits = predictor._upsample(low_res[:, 0].float(), row_sizes)
-        scores = iou[:, 0].float().cpu().numpy()
-    out = []
-    start = 0
-    for k, s in zip(counts, sizes, strict=True):
-        if k == 0:
-            out.append(BoxMasks(np.zeros((0, *s), bool), np.zeros(0, np.float32)))
-            continue
-        lg = np.stack(logits[start : start + k])
-        out.append(BoxMasks(lg > 0, scores[start : start + k].copy(), lg if return_logits else None))
-        start += k
-    return out

@@ -19,6 +19,7 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
@@ -29,18 +30,24 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from evf.errors import UserError
+
 __all__ = [
     "ImageDecodeError",
     "ImageReadError",
     "ImageWriteError",
+    "Storage",
     "decode_image",
+    "display_url",
     "encode_png",
     "join_uri",
     "load_image",
+    "load_mask",
     "open_filesystem",
     "read_bytes",
     "redact",
     "storage_options_for",
+    "uri_protocol",
     "write_bytes",
 ]
 
@@ -55,7 +62,7 @@ _EXIF_ORIENTATION = 0x0112
 _MAX_URI_IN_MESSAGE = 200
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserError, OSError):
     """The bytes behind a URI could not be read (missing object, permissions, network, bad URI...)."""
 
 
@@ -63,7 +70,7 @@ class ImageWriteError(OSError):
     """Bytes could not be written to a URI."""
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """Bytes were read but are not a usable image (not an image, truncated, corrupt, too large)."""
 
 
@@ -72,7 +79,7 @@ class ImageDecodeError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _protocol(uri: str) -> str:
+def uri_protocol(uri: str) -> str:
     """The URI's scheme in lower case ('' for plain local paths, 'data' for data: URIs)."""
     if uri[:5].lower() == "data:":
         return "data"
@@ -95,7 +102,7 @@ def storage_options_for(uri: str, explicit: Mapping[str, Any] | None = None) -> 
     Other protocols get a copy of ``explicit`` only. The result is a new dict; inputs are not modified.
     """
     options: dict[str, Any] = dict(explicit or {})
-    if _protocol(uri) not in _S3_PROTOCOLS:
+    if uri_protocol(uri) not in _S3_PROTOCOLS:
         return options
     env = os.environ
     client_kwargs = dict(options.get("client_kwargs") or {})
@@ -125,13 +132,40 @@ def storage_options_for(uri: str, explicit: Mapping[str, Any] | None = None) -> 
     return options
 
 
+@dataclass(frozen=True)
+class Storage:
+    """fsspec options for every URI a job touches, resolved once (in the driver) and then shipped.
+
+    ``explicit`` are the config's options; ``s3`` the same completed from the resolving process's
+    AWS environment (so workers started before the variables were set still reach the right
+    endpoint). ``options(uri)`` is what to pass to any function of this module. Never printed.
+    """
+
+    explicit: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls, explicit: Mapping[str, Any] | None = None) -> Storage:
+        explicit = dict(explicit or {})
+        return cls(explicit, storage_options_for("s3://bucket", explicit))
+
+    def options(self, uri: str) -> dict[str, Any]:
+        if uri_protocol(uri) in _S3_PROTOCOLS:
+            return dict(self.s3)
+        return storage_options_for(uri, self.explicit)
+
+    def __repr__(self) -> str:  # never print credentials
+        return "Storage(<redacted>)"
+
+
 def _is_secret_name(name: str) -> bool:
     lowered = name.lower()
     return lowered not in _NOT_SECRET and any(word in lowered for word in _SECRET_WORDS)
 
 
-def _redact_url(url: str) -> str:
-    """Hide a password embedded in a URL (``https://user:pass@host`` -> ``https://user:***@host``)."""
+def display_url(url: str) -> str:
+    """``url`` as it may be stored or logged: an embedded password is hidden
+    (``https://user:pass@host`` -> ``https://user:***@host``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -149,7 +183,7 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_redact_value(item) for item in value)
     if isinstance(value, str) and "://" in value:
-        return _redact_url(value)
+        return display_url(value)
     return value
 
 
@@ -172,7 +206,7 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _display_uri(uri: str) -> str:
     """The URI as it may appear in an error message: no embedded password, long data: URIs shortened."""
-    shown = _redact_url(uri)
+    shown = display_url(uri)
     if len(shown) > _MAX_URI_IN_MESSAGE:
         shown = shown[: _MAX_URI_IN_MESSAGE - 3] + "..."
     return shown
@@ -224,9 +258,9 @@ def join_uri(base: str, *parts: str) -> str:
     """
     base = os.fspath(base)
     segments = [str(part) for part in parts]
-    if _protocol(base) == "data":
+    if uri_protocol(base) == "data":
         raise ValueError("cannot join path segments onto a data: URI")
-    if _protocol(base) == "":
+    if uri_protocol(base) == "":
         relative = [stripped for segment in segments if (stripped := segment.strip("/" + os.sep))]
         if not base:
             return os.path.join(*relative) if relative else ""
@@ -279,7 +313,7 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
     uri = os.fspath(uri)
     if not uri:
         raise ImageReadError("cannot read '': empty URI")
-    protocol = _protocol(uri)
+    protocol = uri_protocol(uri)
     try:
         if protocol == "data":
             return _parse_data_uri(uri)
@@ -324,9 +358,9 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
     """
     uri = os.fspath(uri)
     try:
-        if not uri or _protocol(uri) == "data":
+        if not uri or uri_protocol(uri) == "data":
             raise ValueError("not a writable location")
-        if _protocol(uri) == "":
+        if uri_protocol(uri) == "":
             _write_local_atomic(uri, bytes(data))
             return
         fs, path = open_filesystem(uri, storage_options)
@@ -433,6 +467,24 @@ def load_image(uri: str, storage_options: Mapping[str, Any] | None = None) -> np
     """``decode_image(read_bytes(uri, storage_options), uri)``: an HxWx3 uint8 RGB array."""
     uri = os.fspath(uri)
     return decode_image(read_bytes(uri, storage_options), source=uri)
+
+
+def load_mask(uri: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """A mask file as bool (H, W): the alpha channel of an RGBA image, else the grayscale image,
+    at >= 128 (the threshold ``evf.postprocess.binarize`` gives the masks the job writes).
+
+    This is the one rule for every mask read back: predictions, ground truth, training targets.
+    """
+    uri = os.fspath(uri)
+    data = read_bytes(uri, storage_options)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"{_display_uri(uri)!r} is not an image (a mask file was expected)")
+    if image.ndim == 3:
+        image = image[:, :, 3] if image.shape[2] == 4 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    if image.dtype == np.uint16:  # 16-bit masks keep their high byte, as decode_image does
+        image = (image >> 8).astype(np.uint8)
+    return image >= 128
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -39,7 +39,6 @@ __all__ = [
     "binarize",
     "blur",
     "compose_rgba",
-    "decode_rle",
     "disk",
     "encode_rle",
     "expand",
@@ -302,74 +301,6 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
-
-
-def _rle_string_to_counts(data: bytes) -> list[int]:
-    """Run lengths from COCO's compressed RLE string (the inverse of pycocotools' ``rleToString``)."""
-    counts: list[int] = []
-    pos, n = 0, len(data)
-    while pos < n:
-        x, shift, more = 0, 0, True
-        while more:
-            if pos >= n:
-                raise ValueError("invalid rle counts: truncated string")
-            c = data[pos] - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"invalid rle counts: bad character {chr(data[pos])!r}")
-            x |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                x |= -1 << shift
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Decode a COCO RLE (as written by :func:`encode_rle` or pycocotools) to a binary mask.
-
-    Args:
-        rle: ``{"size": [H, W], "counts": ...}`` where counts is the compressed string
-            (``str`` or ``bytes``) or an uncompressed list of run lengths.
-
-    Returns:
-        bool (H, W).
-    """
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError("rle must be a dict with 'size' [H, W] and 'counts'")
-    size = rle["size"]
-    try:
-        h, w = (operator.index(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"rle 'size' must be [H, W] integers, got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"rle 'size' must be positive, got {size!r}")
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        try:
-            counts = counts.encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError("invalid rle counts: non-ASCII string") from None
-    if isinstance(counts, bytes):
-        runs = _rle_string_to_counts(counts)
-    elif isinstance(counts, list):
-        try:
-            runs = [operator.index(c) for c in counts]
-        except TypeError:
-            raise ValueError("rle 'counts' list must hold integers") from None
-    else:
-        raise ValueError(f"rle 'counts' must be str, bytes or a list, got {type(counts).__name__}")
-    if any(r < 0 for r in runs):
-        raise ValueError("invalid rle counts: negative run length")
-    if sum(runs) != h * w:
-        raise ValueError(f"rle run lengths sum to {sum(runs)}, expected H*W = {h * w}")
-    # Runs alternate background/foreground starting with background, in column-major order.
-    values = np.arange(len(runs)) % 2 == 1
-    flat = np.repeat(values, runs)
-    return np.ascontiguousarray(flat.reshape(w, h).T)
 
 
 def compose_rgba(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

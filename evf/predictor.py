@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evf.errors import DeviceError
 from evf.model.checkpoint import DEMO_MODEL_ID, load_model, resolve_checkpoint
-from evf.model.config import INFERENCE_MODES
+from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
 from evf.tokenizer import EvfTokenizer
-from evf.transforms import normalize_sam, prepare_beit3, prepare_sam_legacy, prepare_sam_multitask
+from evf.transforms import PreparedImage, Preprocessor, normalize_sam
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,59 @@ class Prediction:
 
 
 @dataclass
-class PreparedImage:
-    """CPU-side model inputs of one image (see ``evf.transforms``).
+class BoxMasks:
+    """SAM 2 masks for the K boxes of one image (``predict_boxes``), at the original image size.
 
-    sam_pixels: (3, h, w) uint8; (S, S) in multitask mode, longest side S in legacy mode.
-    beit3_pixels: (3, s, s) float32.
-    size: original (H, W).
+    masks: (K, H, W) bool (= logits > 0); scores: (K,) float32 predicted IoU.
     """
 
-    sam_pixels: Tensor
-    beit3_pixels: Tensor
-    size: tuple[int, int]
+    masks: np.ndarray
+    scores: np.ndarray
+
+
+def check_device(device: torch.device | str) -> None:
+    """Raise ``DeviceError`` (one line, with the way out) when ``device`` does not exist here."""
+    kind = torch.device(device)
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device {str(device)!r} was asked for but this machine has no CUDA GPU; use --device cpu"
+        )
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What CPU workers need to know of a checkpoint, read without its weights (``describe_checkpoint``)."""
+
+    model_id: str
+    preprocessor: Preprocessor
+    supports_semantic: bool
+
+    @property
+    def mode(self) -> str:
+        return self.preprocessor.mode
+
+    @property
+    def is_demo_model(self) -> bool:
+        return self.model_id == DEMO_MODEL_ID
+
+
+def describe_checkpoint(
+    path_or_uri: str | Path = DEMO_MODEL_ID,
+    mode: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """The preprocessing and tokenizer facts of a checkpoint from ``config.json`` and the tokenizer
+    files only (the weights are not read): what ``from_pretrained(path_or_uri, mode=mode)`` uses."""
+    folder = resolve_checkpoint(path_or_uri, storage_options)
+    config = EvfSam2Config.from_file(folder / "config.json")
+    tokenizer = EvfTokenizer.from_folder(folder)
+    chosen = resolve_mode(mode, config.inference_mode, tokenizer.supports_semantic)
+    preprocessor = Preprocessor(chosen, config.sam_image_size, config.beit3.img_size)
+    return CheckpointInfo(str(path_or_uri), preprocessor, tokenizer.supports_semantic)
 
 
 @dataclass
@@ -75,6 +118,9 @@ class EmbeddedImages:
 
 
 PromptLike = str | Prompt
+
+# SAM 2 point labels of a box prompt's two corners (top-left, bottom-right).
+_BOX_CORNER_LABELS = (2, 3)
 
 
 class EvfSam2Predictor:
@@ -102,13 +148,8 @@ class EvfSam2Predictor:
                 ``torch.autocast``, as the authors' inference.py; without it everything runs in
                 ``dtype`` (pure half precision, as their demo.py).
         """
-        if mode is None:
-            mode = model.config.inference_mode or ("multitask" if tokenizer.supports_semantic else "legacy")
-        if mode not in INFERENCE_MODES:
-            raise ValueError(
-                f"mode={mode!r}; allowed: {', '.join(INFERENCE_MODES)} or None (from the checkpoint)"
-            )
-        self.mode = mode
+        self.mode = resolve_mode(mode, model.config.inference_mode, tokenizer.supports_semantic)
+        self.preprocessor = Preprocessor(self.mode, model.sam_image_size, model.beit3_image_size)
         self.device = torch.device(device)
         self.dtype = dtype
         self.use_autocast = autocast and dtype != torch.float32
@@ -137,6 +178,7 @@ class EvfSam2Predictor:
         ``compile`` wraps the image encoder and BEiT-3 in ``torch.compile`` (CUDA: worth it for
         long jobs; the first batches are slow while it compiles).
         """
+        check_device(device)
         folder = resolve_checkpoint(path_or_uri, storage_options, cache_dir)
         model = load_model(folder, device)
         if compile:
@@ -160,13 +202,7 @@ class EvfSam2Predictor:
     # -- CPU side ---------------------------------------------------------------------------
     def prepare_image(self, image: np.ndarray) -> PreparedImage:
         """Resize one image for both encoders (CPU only; safe to run in a separate worker)."""
-        sam_size = self.model.sam_image_size
-        prepare_sam = prepare_sam_multitask if self.mode == "multitask" else prepare_sam_legacy
-        return PreparedImage(
-            prepare_sam(image, sam_size),
-            prepare_beit3(image, self.model.beit3_image_size),
-            (int(image.shape[0]), int(image.shape[1])),
-        )
+        return self.preprocessor(image)
 
     # -- device side ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -228,6 +264,68 @@ class EvfSam2Predictor:
             logits = self._upsample(low_res, [embedded.images[i].size for i in image_index])
         scores = score.cpu().tolist()
         return [Prediction(lg, lg > 0, s) for lg, s in zip(logits, scores, strict=True)]
+
+    def predict_boxes(
+        self, embedded: EmbeddedImages, boxes: Sequence[tuple[int, np.ndarray]]
+    ) -> list[BoxMasks]:
+        """SAM 2 masks for box prompts on already embedded images: one decoder call for all boxes.
+
+        Args:
+            boxes: ``(image index into embedded.images, (K, 4) boxes)`` pairs; boxes are
+                ``(x0, y0, x1, y1)`` float pixels of that image's original size (x right, y down);
+                K may be 0.
+
+        Each box is a prompt of its own (``multimask_output=False``, SAM 2's standard box path with
+        its stability fallback). Coordinates are divided by the original width/height and scaled
+        to the S x S SAM 2 input, as ``SAM2ImagePredictor`` does (both stretch the image to S x S).
+
+        Returns:
+            one ``BoxMasks`` per pair, in order.
+        """
+        arrays = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for _, b in boxes]
+        counts = [len(a) for a in arrays]
+        sizes = [embedded.images[i].size for i, _ in boxes]
+        rows = [i for (i, _), k in zip(boxes, counts, strict=True) for _ in range(k)]
+        row_sizes = [s for s, k in zip(sizes, counts, strict=True) for _ in range(k)]
+        logits: list[np.ndarray] = []
+        scores = np.zeros(0, np.float32)
+        if rows:
+            with self._inference():
+                low_res, iou = self._decode_boxes(embedded, np.concatenate(arrays), rows, row_sizes)
+                logits = self._upsample(low_res, row_sizes)
+                scores = iou.cpu().numpy()
+        out, start = [], 0
+        for k, size in zip(counts, sizes, strict=True):
+            if k == 0:
+                out.append(BoxMasks(np.zeros((0, *size), bool), np.zeros(0, np.float32)))
+                continue
+            stacked = np.stack(logits[start : start + k])
+            out.append(BoxMasks(stacked > 0, scores[start : start + k].copy()))
+            start += k
+        return out
+
+    def _decode_boxes(
+        self, embedded: EmbeddedImages, boxes: np.ndarray, rows: list[int], sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """(N, 4) xyxy boxes, one per decoder row -> low-res logits (N, h, w) and IoU (N,) in float32."""
+        size = self.model.sam_image_size
+        coords = torch.as_tensor(boxes, dtype=torch.float, device=self.device).reshape(-1, 2, 2)
+        hw = torch.tensor(sizes, dtype=torch.float, device=self.device)  # (N, 2) = (H, W)
+        coords = torch.stack([coords[..., 0] / hw[:, 1:2], coords[..., 1] / hw[:, 0:1]], dim=-1) * size
+        labels = torch.tensor([_BOX_CORNER_LABELS], dtype=torch.int, device=self.device).repeat(len(rows), 1)
+        # A model cast to half precision (autocast off) has a half Fourier matrix that the prompt
+        # encoder multiplies with float32 coordinates: run that small step under autocast.
+        half_weights = self.dtype != torch.float32 and not self.use_autocast
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half_weights):
+            encoder = self.model.visual_model.sam_prompt_encoder
+            sparse, _ = encoder(points=(coords, labels), boxes=None, masks=None)
+        embeddings = embedded.embeddings
+        low_res, iou = self.model.decode_masks(
+            embeddings.select(torch.tensor(rows, device=self.device)),
+            sparse.to(embeddings.image_embed.dtype),
+            multimask=False,
+        )
+        return low_res[:, 0].float(), iou[:, 0].float()
 
     @staticmethod
     def _upsample(low_res: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evf.errors import UserError
+
 __all__ = [
     "BLUR_MASK_MAX",
     "EXPAND_MASK_MAX",
@@ -167,7 +169,7 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class InvalidRequestError(ValueError):
+class InvalidRequestError(UserError, ValueError):
     """A request failed validation.
 
     ``str(err)`` is a short human message naming every bad field; ``err.errors`` is the

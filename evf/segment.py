@@ -27,12 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from evf.grounding import (
-    DetectorImage,
-    GroundingDetector,
-    MissingDetectorError,
-    segment_boxes,
-)
+from evf.grounding import DetectorImage, GroundingDetector, MissingDetectorError
+from evf.model.checkpoint import DEMO_MODEL_WARNING
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
 from evf.predictor import EvfSam2Predictor, PreparedImage, Prompt
 from evf.request import SegmentRequest, parse_request
@@ -194,11 +190,8 @@ def infer_masks(
             if request.negative_prompt:
                 queries.append((image_index, request.negative_prompt))
         detections = detector.detect(sources, queries)  # type: ignore[arg-type]
-        masks = iter(
-            segment_boxes(
-                predictor, embedded, [(i, d.boxes) for (i, _), d in zip(queries, detections, strict=True)]
-            )
-        )
+        boxes = [(i, d.boxes) for (i, _), d in zip(queries, detections, strict=True)]
+        masks = iter(predictor.predict_boxes(embedded, boxes))
         found = iter(detections)
         for k, image_index, request in dino_items:
             size = embedded.images[image_index].size
@@ -252,12 +245,13 @@ def finish(request: SegmentRequest, raw: RawMasks, image: np.ndarray | None = No
 @functools.lru_cache(maxsize=1)
 def default_predictor() -> EvfSam2Predictor:
     """The project's default model (the shipped synthetic demo model), loaded once per process."""
-    predictor = EvfSam2Predictor.from_pretrained()
-    log.warning(
-        "using the synthetic demo model (evf-sam2-demo): it knows coloured shapes only. "
-        "For real images pass a real checkpoint, e.g. YxZhang/evf-sam2-multitask (Hub), a folder or s3://..."
-    )
-    return predictor
+    return EvfSam2Predictor.from_pretrained()
+
+
+@functools.cache
+def _warn_demo_model(model_id: str) -> None:
+    """Once per process: the demo model is answering (its masks on photos are meaningless)."""
+    log.warning("%s", DEMO_MODEL_WARNING)
 
 
 _detectors: dict[tuple[str, str, str], GroundingDetector] = {}
@@ -313,6 +307,8 @@ def segment(
             "a GroundingDetector, a folder, an fsspec URI or a Hub id (IDEA-Research/grounding-dino-tiny)"
         )
     predictor = predictor or default_predictor()
+    if predictor.is_demo_model:
+        _warn_demo_model(predictor.model_id)
     if not req.use_grounding_dino:
         detector = None  # never loaded for requests that do not use it
     elif not isinstance(detector, GroundingDetector):

@@ -15,6 +15,8 @@ so a batch crosses to the accelerator as uint8.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,3 +78,45 @@ def prepare_beit3(image: np.ndarray, size: int) -> Tensor:
     x = _chw(image).float().div_(255.0)
     x = F.interpolate(x[None], (size, size), mode="bicubic", align_corners=False, antialias=False)[0]
     return (x - 0.5) / 0.5
+
+
+@dataclass
+class PreparedImage:
+    """CPU-side model inputs of one image.
+
+    sam_pixels: (3, h, w) uint8; (S, S) in multitask mode, longest side S in legacy mode.
+    beit3_pixels: (3, s, s) float32.
+    size: original (H, W).
+    """
+
+    sam_pixels: Tensor
+    beit3_pixels: Tensor
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The CPU preprocessing of one inference mode: the one place that maps a mode to its transforms.
+
+    Small and picklable, so a job's CPU workers prepare images exactly as the predictor would
+    without loading the model. ``mode``: ``"multitask"`` or ``"legacy"``; ``sam_size`` S and
+    ``beit3_size`` s are the two encoders' square input sizes.
+    """
+
+    mode: str
+    sam_size: int
+    beit3_size: int
+
+    def prepare_sam(self, image: np.ndarray) -> Tensor:
+        """(H, W, 3) uint8 -> the SAM 2 pixels of this mode (see ``PreparedImage.sam_pixels``)."""
+        if self.mode == "multitask":
+            return prepare_sam_multitask(image, self.sam_size)
+        return prepare_sam_legacy(image, self.sam_size)
+
+    def __call__(self, image: np.ndarray) -> PreparedImage:
+        """(H, W, 3) uint8 RGB -> both encoders' inputs and the original size."""
+        return PreparedImage(
+            self.prepare_sam(image),
+            prepare_beit3(image, self.beit3_size),
+            (int(image.shape[0]), int(image.shape[1])),
+        )

@@ -13,10 +13,11 @@ _EXPORTS = {
     "ConfigError": "pipelines.config",
     "JobConfig": "pipelines.config",
     "load_config": "pipelines.config",
-    "JobError": "pipelines.segment_job",
-    "JobSummary": "pipelines.segment_job",
-    "format_summary": "pipelines.segment_job",
-    "run_job": "pipelines.segment_job",
+    "JobError": "pipelines.job",
+    "run_job": "pipelines.job",
+    "JobSummary": "pipelines.summary",
+    "format_summary": "pipelines.summary",
+    "evaluate": "pipelines.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

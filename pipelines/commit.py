@@ -26,17 +26,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from evf.io import ImageWriteError, join_uri, open_filesystem, write_bytes
-from evf.request import OPTION_DEFAULTS, OPTION_NAMES
+from evf.io import ImageWriteError, Storage, display_url, join_uri, open_filesystem, write_bytes
+from evf.request import OPTION_NAMES
+from evf.segment import SegmentResult
+from pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "INSTANCE_TYPE",
     "METADATA_SCHEMA",
-    "RLE_TYPE",
     "STATUSES",
     "Committed",
+    "JobOutput",
     "OutputLayout",
     "conform_metadata",
     "load_committed",
@@ -47,38 +48,13 @@ __all__ = [
 
 STATUSES = ("ok", "empty", "error")
 
-_OPTION_TYPES: dict[str, pa.DataType] = {
-    name: pa.string()
-    if name == "negative_prompt"
-    else pa.int32()
-    if isinstance(default, int) and not isinstance(default, bool)
-    else pa.bool_()
-    for name, default in OPTION_DEFAULTS.items()
-}
-
-RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
-"""COCO compressed RLE: ``{"size": [H, W], "counts": str}``."""
-
-INSTANCE_TYPE = pa.struct(
-    [
-        ("box", pa.list_(pa.float32(), 4)),
-        ("detector_score", pa.float32()),
-        ("mask_score", pa.float32()),
-        ("label", pa.string()),
-        ("rle", RLE_TYPE),
-    ]
-)
-"""One GroundingDINO box of a row (``evf.segment.SegmentResult.instances``): ``box`` ``[x, y, w, h]``
-float pixels, GroundingDINO's score, SAM 2's predicted IoU, the matched prompt words, and the COCO
-RLE of that box's own mask (before post-processing and negative subtraction)."""
-
 METADATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("key", pa.string()),
         ("image_url", pa.string()),
         ("prompt", pa.string()),
-        *[(name, _OPTION_TYPES[name]) for name in OPTION_NAMES],
+        *[(name, OPTION_TYPES[name]) for name in OPTION_NAMES],
         ("status", pa.string()),
         ("error", pa.string()),
         ("mask_url", pa.string()),
@@ -131,66 +107,81 @@ class OutputLayout:
         return join_uri(self.root, "metadata", f"part-{digest}.parquet")
 
 
-def _typed_option(name: str, value: Any) -> Any:
-    kind = _OPTION_TYPES[name]
-    if value is None:
-        return None
-    if kind == pa.string():
-        return value if isinstance(value, str) else None
-    if kind == pa.bool_():
-        return value if isinstance(value, bool) else None
-    return (
-        value
-        if isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31
-        else None
-    )
+@dataclass(frozen=True)
+class JobOutput:
+    """Where and as what a run commits rows: shared by every stage that writes metadata.
 
+    ``counters``: the run's ``pipelines.progress.RunCounters`` actor (None outside a job), told the
+    statuses of each commit so the driver can show progress.
+    """
 
-def _instances(value: Any) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    return [
-        {
-            "box": [float(v) for v in item["box"]],
-            "detector_score": float(item["detector_score"]),
-            "mask_score": float(item["mask_score"]),
-            "label": item.get("label") or "",
-            "rle": {"size": [int(v) for v in item["rle"]["size"]], "counts": str(item["rle"]["counts"])},
+    layout: OutputLayout
+    storage: Storage
+    model_id: str
+    run_id: str
+    counters: Any = None
+
+    def _row(self, row: JobRow, status: str, error: str | None) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "key": row.key,
+            "image_url": display_url(row.image_url),
+            "prompt": row.request.prompt,
+            **row.request.options(),
+            "status": status,
+            "error": error,
+            "model_id": self.model_id,
+            "elapsed_ms": row.elapsed_ms,
+            "run_id": self.run_id,
+            "manifest_file": row.manifest_file,
+            "manifest_row": row.manifest_row,
         }
-        for item in value
-    ]
 
+    def error_row(self, row: JobRow, error: str) -> dict[str, Any]:
+        """The metadata row of a row that failed after it was read (image, model or write)."""
+        return self._row(row, "error", error)
 
-def metadata_row(record: Mapping[str, Any], *, model_id: str, run_id: str) -> dict[str, Any]:
-    """The metadata row of a finished record (status ok/empty/error)."""
-    request = record.get("request") or {}
-    result = record.get("result") or {}
-    row: dict[str, Any] = {
-        "id": record["id"],
-        "key": record["key"],
-        "image_url": record.get("image_url_display") or record.get("image_url"),
-        "prompt": record.get("prompt"),
-    }
-    for name in OPTION_NAMES:
-        row[name] = _typed_option(name, request.get(name)) if request else None
-    row.update(
-        status=record["status"],
-        error=record.get("error"),
-        mask_url=result.get("mask_url"),
-        width=record.get("width"),
-        height=record.get("height"),
-        area=result.get("area"),
-        bbox=result.get("bbox"),
-        score=result.get("score"),
-        rle=result.get("rle"),
-        instances=_instances(result.get("instances")),
-        model_id=model_id,
-        elapsed_ms=record.get("elapsed_ms"),
-        run_id=run_id,
-        manifest_file=record.get("file"),
-        manifest_row=record.get("row"),
-    )
-    return row
+    def result_row(self, row: JobRow, result: SegmentResult, width: int, height: int) -> dict[str, Any]:
+        """The metadata row of a finished row (``ok``, or ``empty`` when the final mask is empty)."""
+        return {
+            **self._row(row, "empty" if result.empty else "ok", None),
+            "mask_url": self.layout.mask_uri(row.key),
+            "width": width,
+            "height": height,
+            "area": int(result.area),
+            "bbox": [int(v) for v in result.bbox],
+            "score": float(result.score),
+            "rle": result.rle,
+            # GroundingDINO rows: the boxes and their masks (RLE) as the model stage encoded them.
+            "instances": row.instances if row.request.use_grounding_dino else None,
+        }
+
+    def invalid_row(
+        self, *, id: str, key: str, image_url: Any, prompt: Any, error: str, file: str, index: int
+    ) -> dict[str, Any]:
+        """The metadata row of a manifest row whose request is invalid (option columns null)."""
+        return {
+            "id": id,
+            "key": key,
+            "image_url": display_url(image_url) if isinstance(image_url, str) else None,
+            "prompt": prompt if isinstance(prompt, str) else None,
+            "status": "error",
+            "error": error,
+            "model_id": self.model_id,
+            "run_id": self.run_id,
+            "manifest_file": file,
+            "manifest_row": index,
+        }
+
+    def commit(self, rows: Sequence[Mapping[str, Any]], **extra_counts: int) -> None:
+        """Write these metadata rows as one commit file (nothing to write for no rows), then report
+        their statuses (and ``extra_counts``, e.g. ``stale``) to the run's counters."""
+        if rows:
+            uri = self.layout.metadata_uri(str(r["id"]) for r in rows)
+            write_metadata(self.layout, rows, self.storage.options(uri))
+        counts = {**Counter(str(r["status"]) for r in rows), **{k: v for k, v in extra_counts.items() if v}}
+        if self.counters is not None and counts:
+            self.counters.add.remote(counts)
 
 
 def metadata_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -216,18 +207,18 @@ def write_metadata(
 
 @dataclass
 class Committed:
-    """What ``metadata/`` holds: id -> key and id -> status, plus the number of duplicate rows found."""
+    """What ``metadata/`` holds: id -> key, status and the run that committed it, plus the number
+    of duplicate rows found."""
 
     keys: dict[str, str] = field(default_factory=dict)
     statuses: dict[str, str] = field(default_factory=dict)
-    files: int = 0
+    run_ids: dict[str, str] = field(default_factory=dict)
     duplicate_rows: int = 0
 
-    def counts(self, ids: Iterable[str] | None = None) -> Counter[str]:
-        """Committed rows per status, over ``ids`` (default: all)."""
-        if ids is None:
-            return Counter(self.statuses.values())
-        return Counter(self.statuses[i] for i in ids if i in self.statuses)
+    def counts(self, ids: Iterable[str] | None = None, run_id: str | None = None) -> Counter[str]:
+        """Committed rows per status, over ``ids`` (default: all), only those of ``run_id`` if given."""
+        chosen = self.statuses if ids is None else (i for i in ids if i in self.statuses)
+        return Counter(self.statuses[i] for i in chosen if run_id is None or self.run_ids[i] == run_id)
 
 
 def _metadata_files(layout: OutputLayout, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
@@ -248,26 +239,22 @@ def load_committed(layout: OutputLayout, storage_options: Mapping[str, Any] | No
     Raises ``OSError`` naming the file when one cannot be read (delete it to redo its rows).
     """
     fs, paths = _metadata_files(layout, storage_options)
-    committed = Committed(files=len(paths))
+    committed = Committed()
     for path in paths:
         try:
             with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=["id", "key", "status"])
+                table = pq.read_table(handle, columns=["id", "key", "status", "run_id"])
         except Exception as error:
             raise OSError(
                 f"metadata file {path!r} cannot be read ({type(error).__name__}: {error}); "
                 "delete it to recompute its rows"
             ) from None
-        for row_id, key, status in zip(
-            table.column("id").to_pylist(),
-            table.column("key").to_pylist(),
-            table.column("status").to_pylist(),
-            strict=True,
-        ):
+        for row_id, key, status, run_id in zip(*(table.column(i).to_pylist() for i in range(4)), strict=True):
             if row_id in committed.keys:
                 committed.duplicate_rows += 1
             committed.keys[row_id] = key
             committed.statuses[row_id] = status
+            committed.run_ids[row_id] = run_id
     return committed
 
 

@@ -9,45 +9,47 @@ keys come from the standard AWS environment variables (``AWS_ENDPOINT_URL``, ``A
 
 from __future__ import annotations
 
+import importlib.resources
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from evf.io import redact
+from evf.config import (
+    ConfigError,
+    Overrides,
+    StrictModel,
+    apply_overrides,
+    read_yaml_mapping,
+    validate_config,
+)
+from evf.io import display_url, redact
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "SAMPLE_MANIFEST",
+    "SAMPLE_MANIFEST_ID",
     "ConfigError",
     "CpuConfig",
     "GroundingConfig",
     "InferenceConfig",
     "JobConfig",
     "RayConfig",
-    "apply_overrides",
-    "config_from_dict",
     "load_config",
-    "read_config_data",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
-"""The embedded default: local Ray, local folders, CPU, the demo model, the shipped sample manifest."""
+DEFAULT_CONFIG = Path(str(importlib.resources.files("evf.configs") / "local.yaml"))
+"""The embedded default (the repository's configs/local.yaml, installed with the package): local
+Ray, local folders, CPU, the demo model, the sample manifest."""
+SAMPLE_MANIFEST_ID = "evf-sample"
+"""The ``manifest`` value that names the sample manifest shipped with the package."""
+SAMPLE_MANIFEST = Path(str(importlib.resources.files("evf.sample") / "manifest.parquet"))
 
 
-class ConfigError(ValueError):
-    """The job configuration is invalid; the message names the file, the field and what is allowed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """Where the job runs."""
 
     address: str | None = Field(
@@ -66,7 +68,7 @@ class RayConfig(_Strict):
     )
 
 
-class InferenceConfig(_Strict):
+class InferenceConfig(StrictModel):
     """The model stage: an actor pool, each actor loads the model once."""
 
     actors: int = Field(default=1, ge=1, description="Number of model actors (one model copy each).")
@@ -96,7 +98,7 @@ class InferenceConfig(_Strict):
     )
 
 
-class CpuConfig(_Strict):
+class CpuConfig(StrictModel):
     """The CPU stages: read + decode + resize (before the model) and post-process + encode + write (after)."""
 
     batch_size: int = Field(
@@ -117,7 +119,7 @@ class CpuConfig(_Strict):
     )
 
 
-class GroundingConfig(_Strict):
+class GroundingConfig(StrictModel):
     """GroundingDINO for rows with ``use_grounding_dino: true`` (loaded by an actor only when needed)."""
 
     model: str | None = Field(default=None, description="GroundingDINO checkpoint (folder, URI or Hub id).")
@@ -125,7 +127,7 @@ class GroundingConfig(_Strict):
     text_threshold: float = Field(default=0.25, ge=0, le=1)
 
 
-class JobConfig(_Strict):
+class JobConfig(StrictModel):
     """A batch segmentation job. ``manifest`` and ``output`` are fsspec URIs or local paths."""
 
     manifest: str = Field(description="Parquet manifest: one file or a folder of *.parquet files.")
@@ -200,109 +202,35 @@ class JobConfig(_Strict):
                 return value
             return os.path.abspath(os.path.expanduser(value))
 
+        manifest = str(SAMPLE_MANIFEST) if self.manifest == SAMPLE_MANIFEST_ID else self.manifest
         model = self.model
         if os.path.exists(os.path.expanduser(model)):  # a local folder (not a Hub id or the demo name)
             model = absolute(model)
         return self.model_copy(
-            update={"manifest": absolute(self.manifest), "output": absolute(self.output), "model": model}
+            update={"manifest": absolute(manifest), "output": absolute(self.output), "model": model}
         )
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as plain data, safe to log and store (storage options redacted)."""
+        """The config as plain data, safe to log and store (no credential, no password in a URL)."""
         data = self.model_dump(mode="json")
         data["storage_options"] = redact(self.storage_options)
+        data["manifest"], data["output"] = display_url(self.manifest), display_url(self.output)
+        if data["ray"].get("runtime_env"):
+            data["ray"]["runtime_env"] = redact(data["ray"]["runtime_env"])
         return data
-
-
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ())) or "(top level)"
-        message = item.get("msg", "invalid")
-        if item.get("type") == "extra_forbidden":
-            message = "unknown field"
-        elif item.get("type") == "missing":
-            message = "required field is missing"
-        given = item.get("input")
-        shown = "" if item.get("type") in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {location}: {message}{shown}")
-    return f"invalid job config {source}:\n" + "\n".join(lines)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with overrides applied.
-
-    ``overrides`` is a mapping of dotted names to values (``{"inference.actors": 2}``; None values are
-    skipped) or ``KEY=VALUE`` strings whose values are parsed as YAML (``inference.batch_size=4``).
-    """
-    import copy
-
-    result = copy.deepcopy(dict(data))
-    if isinstance(overrides, Mapping):
-        items = [(k, v) for k, v in overrides.items() if v is not None]
-    else:
-        items = []
-        for text in overrides:
-            key, sep, raw = text.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. inference.batch_size=4")
-            try:
-                items.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-            except yaml.YAMLError as error:
-                raise ConfigError(f"--set {text!r}: value is not valid YAML ({error})") from None
-    for key, value in items:
-        _set_dotted(result, key, value)
-    return result
-
-
-def read_config_data(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """The raw mapping of a YAML job config (default: ``configs/local.yaml``), not yet validated."""
-    source = Path(path) if path is not None else DEFAULT_CONFIG
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read job config {str(source)!r}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"job config {str(source)!r} is not valid YAML: {error}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"job config {str(source)!r} must be a YAML mapping, got {type(data).__name__}")
-    return data
 
 
 def load_config(
     path: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    overrides: Overrides | None = None,
+    flags: Mapping[str, Any] | None = None,
 ) -> JobConfig:
-    """Read a YAML job config (default: ``configs/local.yaml``), apply overrides, validate.
+    """Read a YAML job config (default: :data:`DEFAULT_CONFIG`), apply ``--set`` ``overrides`` and
+    then the command line's ``flags`` (dotted names; None values skipped), validate.
 
     Raises:
         ConfigError: unreadable file, not YAML, or invalid fields (every problem is listed).
     """
-    source = str(path) if path is not None else str(DEFAULT_CONFIG)
-    data = apply_overrides(read_config_data(path), overrides or {})
-    return config_from_dict(data, source=repr(source))
-
-
-def config_from_dict(data: Mapping[str, Any], source: str = "(dict)") -> JobConfig:
-    """Validate a config mapping; raises ``ConfigError`` listing every invalid field."""
-    try:
-        return JobConfig.model_validate(dict(data))
-    except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+    source = path if path is not None else DEFAULT_CONFIG
+    data = apply_overrides(apply_overrides(read_yaml_mapping(source), overrides), flags)
+    return validate_config(JobConfig, data, f"job config {str(source)!r}")

@@ -90,6 +90,15 @@ class S3Server:
         )
 
 
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """A COCO compressed RLE (``counts`` as str, as the metadata stores it) decoded by pycocotools."""
+    from pycocotools import mask as coco_mask
+
+    counts = rle["counts"]
+    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return coco_mask.decode(coco).astype(bool)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -26,10 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_text_png, make_truncated_png
+from conftest import make_text_png, make_truncated_png, rle_to_mask
 
 from evf.io import decode_image, read_bytes
-from evf.postprocess import decode_rle
 from evf.synthetic import write_dataset
 from pipelines.commit import read_metadata
 from pipelines.config import DEFAULT_CONFIG, ConfigError, load_config
@@ -98,7 +97,7 @@ def check_outputs(
         binary = mask >= 128
         assert int(binary.sum()) == row["area"]
         assert (row["status"] == "empty") == (row["area"] == 0)
-        assert np.array_equal(decode_rle(row["rle"]).astype(bool), binary)
+        assert np.array_equal(rle_to_mask(row["rle"]).astype(bool), binary)
         if row["area"]:
             ys, xs = np.nonzero(binary)
             assert row["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]

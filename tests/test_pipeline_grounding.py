@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import rle_to_mask
 from test_pipeline_e2e import check_outputs
 
-from evf.postprocess import decode_rle, postprocess
+from evf.postprocess import postprocess
 from evf.request import parse_request
 from pipelines.commit import (
     METADATA_SCHEMA,
@@ -183,9 +184,9 @@ def check_rows(
             assert got["mask_score"] == pytest.approx(want["mask_score"], abs=1e-4)
             assert got["label"] == want["label"]
             assert got["rle"]["size"] == [row["height"], row["width"]]
-            instance_mask = decode_rle(got["rle"]).astype(bool)
+            instance_mask = rle_to_mask(got["rle"]).astype(bool)
             assert instance_mask.shape == images[name].shape[:2]
-            np.testing.assert_array_equal(instance_mask, decode_rle(want["rle"]).astype(bool), err_msg=row_id)
+            np.testing.assert_array_equal(instance_mask, rle_to_mask(want["rle"]).astype(bool), err_msg=row_id)
             union |= instance_mask
         scores = [i["detector_score"] for i in instances]
         assert scores == sorted(scores, reverse=True), row_id  # highest detector score first

@@ -13,7 +13,6 @@ from evf.postprocess import (
     binarize,
     blur,
     compose_rgba,
-    decode_rle,
     disk,
     encode_rle,
     expand,
@@ -161,27 +160,22 @@ def test_rle_roundtrip_and_pycocotools_compat(m):
     assert rle["size"] == list(m.shape)
     assert isinstance(rle["counts"], str)
     assert json.loads(json.dumps(rle)) == rle
-    assert np.array_equal(decode_rle(rle), m)
-    assert decode_rle(rle).dtype == bool
     coco = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    assert np.array_equal(decode_rle(coco), m)  # bytes counts accepted
     assert int(coco_mask.area(coco)) == int(m.sum())
     assert np.array_equal(coco_mask.decode(coco).astype(bool), m)
     theirs = coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
     assert theirs["counts"].decode("ascii") == rle["counts"]
-    assert np.array_equal(decode_rle(theirs), m)  # decodes pycocotools' own output
 
 
 @PROPS
 @given(bool_masks)
-def test_decode_uncompressed_matches_pycocotools(m):
+def test_uncompressed_runs_compress_like_ours(m):
     flat = m.T.reshape(-1)  # column-major
     change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
     edges = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(edges).tolist()
     if flat[0]:
         runs = [0, *runs]
-    assert np.array_equal(decode_rle({"size": list(m.shape), "counts": runs}), m)
     compressed = coco_mask.frPyObjects({"size": list(m.shape), "counts": runs}, *m.shape)
     assert compressed["counts"].decode("ascii") == encode_rle(m)["counts"]
 
@@ -323,7 +317,7 @@ def test_empty_masks_everywhere(shape):
     assert (revert(u8) == 255).all()
     assert mask_stats(m) == MaskStats(0, (0, 0, 0, 0), True)
     rle = encode_rle(m)
-    assert np.array_equal(decode_rle(rle), m)
+    assert np.array_equal(coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}), m)
     out = postprocess(m, negative=m, fill_holes=True, expand_mask=3, blur_mask=5, revert_mask=True)
     assert (out == 255).all()
     rgba = compose_rgba(np.zeros((*shape, 3), np.uint8), postprocess(m))
@@ -355,12 +349,6 @@ def test_compose_rgba():
     assert np.array_equal(out[..., :3], img) and np.array_equal(out[..., 3], alpha)
 
 
-def test_decode_rle_uncompressed_counts():
-    m = np.zeros((3, 4), bool)
-    m[1, 1:3] = True  # column-major runs: 4 off, 1 on, 2 off, 1 on, 4 off
-    assert np.array_equal(decode_rle({"size": [3, 4], "counts": [4, 1, 2, 1, 4]}), m)
-
-
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -382,15 +370,6 @@ def test_decode_rle_uncompressed_counts():
         (lambda: compose_rgba(np.zeros((3, 3, 4), np.uint8), np.zeros((3, 3), np.uint8)), r"\(H, W, 3\)"),
         (lambda: compose_rgba(np.zeros((3, 3, 3), np.float32), np.zeros((3, 3), np.uint8)), "uint8"),
         (lambda: compose_rgba(np.zeros((3, 3, 3), np.uint8), np.zeros((3, 2), np.uint8)), "does not match"),
-        (lambda: decode_rle({"counts": "9"}), "size"),
-        (lambda: decode_rle({"size": [3], "counts": "9"}), "size"),
-        (lambda: decode_rle({"size": [3, 3], "counts": 9}), "counts"),
-        (lambda: decode_rle({"size": [3, 3], "counts": [1, 2]}), "sum"),
-        (lambda: decode_rle({"size": [3, 3], "counts": [10, -1]}), "negative"),
-        (lambda: decode_rle({"size": [3, 3], "counts": "~"}), "bad character"),
-        (lambda: decode_rle({"size": [3, 3], "counts": "P"}), "truncated"),
-        (lambda: decode_rle({"size": [3, 3], "counts": "0"}), "sum"),
-        (lambda: decode_rle({"size": [3, 3], "counts": "é"}), "non-ASCII"),
     ],
 )
 def test_invalid_inputs_raise_value_error(call, match):

@@ -30,11 +30,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from evf.errors import UserError
 from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 
 DEMO_MODEL_ID = "evf-sam2-demo"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / DEMO_MODEL_ID
+DEMO_MODEL_WARNING = (
+    f"the model is {DEMO_MODEL_ID}, the small demo model shipped for trying the pipeline: it was "
+    "trained on synthetic coloured shapes and its masks on real photos are meaningless. For real images "
+    "use a real checkpoint: a Hub id (YxZhang/evf-sam2-multitask), a local folder, or an object-store "
+    "URI (s3://bucket/evf-sam2-multitask/)."
+)
 CHECKPOINT_FILES = (
     "config.json",
     "model.safetensors",
@@ -76,7 +83,7 @@ EVF_LAYOUT = CheckpointLayout(
 _FUSER_SCALE = re.compile(r"^(visual_model\.memory_encoder\.fuser\.layers\.\d+)\.(weight|gamma)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be found, fetched or loaded; the message says what to do."""
 
 

@@ -16,6 +16,17 @@ from typing import Any
 INFERENCE_MODES = ("multitask", "legacy")
 
 
+def resolve_mode(requested: str | None, config_mode: str | None, supports_semantic: bool) -> str:
+    """The inference mode: ``requested`` if given, else the checkpoint's ``inference_mode``, else
+    multitask for tokenizers with ``[semantic]`` (the ``-multitask`` checkpoints), legacy otherwise."""
+    mode = requested or config_mode or ("multitask" if supports_semantic else "legacy")
+    if mode not in INFERENCE_MODES:
+        raise ValueError(
+            f"mode={mode!r}; allowed: {', '.join(INFERENCE_MODES)} or None (from the checkpoint)"
+        )
+    return mode
+
+
 @dataclass(frozen=True)
 class Beit3Config:
     """Sizes of a torchscale-0.2.0 BEiT-3 multiway encoder (everything else is fixed, see beit3.py)."""
@@ -94,6 +105,16 @@ class EvfSam2Config:
     def from_file(cls, path: str | Path) -> EvfSam2Config:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
+
+    @property
+    def sam_image_size(self) -> int:
+        """SAM 2's square input size S, read from its Hydra config (no model is built)."""
+        import sam2  # noqa: F401  (initialises Hydra's config module, as build_sam2 needs)
+        from hydra import compose
+
+        return int(
+            compose(config_name=self.sam2.config, overrides=list(self.sam2.overrides)).model.image_size
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The official fields plus the extension objects (always written, so any size reloads)."""

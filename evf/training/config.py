@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from evf.config import Overrides, StrictModel, load_model_config
 from evf.model.config import EvfSam2Config
 
 Part = Literal["beit3", "projector", "mask_decoder", "prompt_encoder", "image_encoder"]
@@ -22,15 +22,7 @@ ALL_PARTS: tuple[Part, ...] = ("beit3", "projector", "mask_decoder", "prompt_enc
 _NECK_D_MODEL = re.compile(r"^\+*model\.image_encoder\.neck\.d_model=(\d+)$")
 
 
-class TrainConfigError(ValueError):
-    """A training config file is missing, is not YAML, or has invalid fields (all listed)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TokenizerSpec(_Strict):
+class TokenizerSpec(StrictModel):
     """Where the tokenizer comes from when the model is new (``init_from`` brings its own).
 
     folder: existing tokenizer files to copy; None builds a BPE model from the training prompts
@@ -41,7 +33,7 @@ class TokenizerSpec(_Strict):
     vocab_size: int = Field(256, ge=16)
 
 
-class SyntheticSpec(_Strict):
+class SyntheticSpec(StrictModel):
     """Scenes ``0..count-1`` of ``evf.synthetic.generate_scene(seed, index)``, generated on the fly.
 
     every_phrase: train on every phrase that names something in a scene (each referring phrase of
@@ -53,7 +45,7 @@ class SyntheticSpec(_Strict):
     every_phrase: bool = False
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     """Training data: exactly one of ``manifest`` and ``synthetic``.
 
     manifest: URI of a Parquet file with columns image_url, prompt, mask_url and optionally
@@ -76,7 +68,7 @@ class DataSpec(_Strict):
         return self
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(StrictModel):
     """AdamW with linear warmup from 0, then cosine decay to ``lr * min_lr_ratio`` at the last step.
 
     ``lr_scale`` multiplies the learning rate of some parts (e.g. ``{image_encoder: 0.1}``); the
@@ -92,7 +84,7 @@ class OptimizerSpec(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
-class LossSpec(_Strict):
+class LossSpec(StrictModel):
     """Weights of the loss terms (see ``evf.training.losses``)."""
 
     bce: float = Field(1.0, ge=0)
@@ -100,7 +92,7 @@ class LossSpec(_Strict):
     iou: float = Field(1.0, ge=0)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """A complete training recipe.
 
     Exactly one of ``model`` (a config.json-like dict with ``beit3`` and ``sam2`` objects; a new,
@@ -158,23 +150,10 @@ class TrainConfig(_Strict):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Read and validate a YAML file; every problem is listed in one ``TrainConfigError``."""
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise TrainConfigError(f"cannot read training config {str(path)!r}: {err}") from err
-        except yaml.YAMLError as err:
-            raise TrainConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise TrainConfigError(f"{path}: expected a mapping of fields, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as err:
-            problems = "\n".join(
-                f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-            )
-            raise TrainConfigError(f"{path}: invalid training config:\n{problems}") from None
+    def from_yaml(cls, path: str | Path, overrides: Overrides | None = None) -> TrainConfig:
+        """Read and validate a YAML recipe with ``--set`` overrides; every problem is listed in one
+        ``evf.config.ConfigError``."""
+        return load_model_config(cls, path, overrides, kind="training config")
 
 
 def fill_model_defaults(model: dict[str, Any], vocab_size: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Sampler
 
 from evf.synthetic import PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
 from evf.training.losses import cell_coverage
-from evf.transforms import prepare_beit3, prepare_sam_legacy, prepare_sam_multitask
+from evf.transforms import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -153,42 +153,36 @@ class SyntheticScenes:
 
 
 class ManifestImages:
-    """The images of a Parquet manifest, each with its (prompt, mask) rows.
-
-    Masks are read as images and binarised at 128 (any channel layout: 0/255 grayscale PNGs as
-    ``evf.synthetic.write_dataset`` writes them, or RGB). Relative URIs are taken relative to
-    the manifest's folder.
+    """The images of a Parquet manifest (a file or a folder, as ``evf run`` reads it), each with its
+    (prompt, mask) rows. ``image_url`` and ``mask_url`` resolve like the job's (``evf.manifest``);
+    masks are read with ``evf.io.load_mask``.
     """
 
+    COLUMNS = ("image_url", "prompt", "mask_url", "negative_prompt", "semantic_type")
+
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        import pyarrow.parquet as pq
+        from evf.io import Storage
+        from evf.manifest import read_rows, resolve_url, scan_manifest
 
-        from evf.io import open_filesystem
-
-        self.storage_options = dict(storage_options or {})
-        fs, path = open_filesystem(uri, self.storage_options)
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        missing = [c for c in ("image_url", "prompt", "mask_url") if c not in table.column_names]
-        if missing:
-            raise ValueError(f"manifest {uri!r} lacks the columns {missing}")
-        rows = table.to_pylist()
-        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        self.storage = Storage.from_environment(storage_options)
         self.images: list[str] = []
         self.rows: list[list[tuple[str, bool, str]]] = []
         by_image: dict[str, int] = {}
         skipped = 0
-        for row in rows:
-            if (row.get("negative_prompt") or "").strip():
-                skipped += 1
-                continue
-            image = _absolute(row["image_url"], base)
-            if image not in by_image:
-                by_image[image] = len(self.images)
-                self.images.append(image)
-                self.rows.append([])
-            semantic = bool(row.get("semantic_type") or False)
-            self.rows[by_image[image]].append((row["prompt"], semantic, _absolute(row["mask_url"], base)))
+        for file in scan_manifest(uri, self.storage.options(uri)).files:
+            if "mask_url" not in file.columns:
+                raise ValueError(f"manifest file {file.uri!r} lacks the column mask_url (ground truth)")
+            for row in read_rows(file, 0, file.num_rows, self.COLUMNS, self.storage.options(file.uri)):
+                if (row.get("negative_prompt") or "").strip():
+                    skipped += 1
+                    continue
+                image = resolve_url(row["image_url"], file.base)
+                if image not in by_image:
+                    by_image[image] = len(self.images)
+                    self.images.append(image)
+                    self.rows.append([])
+                mask = resolve_url(row["mask_url"], file.base)
+                self.rows[by_image[image]].append((row["prompt"], bool(row.get("semantic_type")), mask))
         if skipped:
             log.warning("%s: skipped %d rows with a negative_prompt (no per-prompt mask)", uri, skipped)
         if not self.images:
@@ -198,30 +192,23 @@ class ManifestImages:
         return len(self.images)
 
     def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
-        from evf.io import load_image
+        from evf.io import load_image, load_mask
 
-        image = load_image(self.images[index], self.storage_options)
+        uri = self.images[index]
+        image = load_image(uri, self.storage.options(uri))
         targets = []
         for prompt, semantic, mask_url in self.rows[index]:
-            mask = load_image(mask_url, self.storage_options)[..., 0] >= 128
+            mask = load_mask(mask_url, self.storage.options(mask_url))
             if mask.shape != image.shape[:2]:
                 raise ValueError(
                     f"mask {mask_url!r} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                    f"{self.images[index]!r} is {image.shape[1]}x{image.shape[0]}"
+                    f"{uri!r} is {image.shape[1]}x{image.shape[0]}"
                 )
             targets.append(Target(prompt, semantic, mask))
         return image, targets
 
     def corpus(self) -> list[str]:
         return [prompt for rows in self.rows for prompt, _, _ in rows]
-
-
-def _absolute(uri: str, base: str) -> str:
-    from evf.io import join_uri
-
-    if "://" in uri or uri.startswith(("/", "data:")):
-        return uri
-    return join_uri(base, uri)
 
 
 # ----------------------------------------------------------------------------- dataset and sampler
@@ -231,23 +218,16 @@ class TrainDataset(Dataset):
     """``dataset[(index, step)]``: image ``index`` prepared for both encoders, with a subset of its
     targets chosen by ``numpy.random.default_rng([seed, index, step])``.
 
-    ``mask_size`` is the decoder's low-res mask size (S/4).
+    Images are prepared by ``preprocessor`` exactly as the predictor prepares them; targets become
+    cell coverage at the decoder's low-res mask size (S/4).
     """
 
     def __init__(
-        self,
-        source: ImageSource,
-        sam_size: int,
-        beit3_size: int,
-        mode: str,
-        prompts_per_image: int,
-        seed: int,
+        self, source: ImageSource, preprocessor: Preprocessor, prompts_per_image: int, seed: int
     ) -> None:
         self.source = source
-        self.sam_size = sam_size
-        self.mask_size = sam_size // 4
-        self.beit3_size = beit3_size
-        self.prepare_sam = prepare_sam_multitask if mode == "multitask" else prepare_sam_legacy
+        self.preprocessor = preprocessor
+        self.mask_size = preprocessor.sam_size // 4
         self.prompts_per_image = prompts_per_image
         self.seed = seed
 
@@ -262,9 +242,10 @@ class TrainDataset(Dataset):
             chosen = sorted(rng.choice(len(targets), self.prompts_per_image, replace=False))
             targets = [targets[i] for i in chosen]
         masks = torch.from_numpy(np.stack([t.mask for t in targets]))
+        prepared = self.preprocessor(image)
         return TrainSample(
-            self.prepare_sam(image, self.sam_size),
-            prepare_beit3(image, self.beit3_size),
+            prepared.sam_pixels,
+            prepared.beit3_pixels,
             [(t.prompt, t.semantic) for t in targets],
             cell_coverage(masks, self.mask_size),
         )

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from evf.config import Overrides
 from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from evf.model.config import EvfSam2Config
+from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.tokenizer import SPM_FILE, EvfTokenizer
 from evf.training.config import DataSpec, Part, TrainConfig, fill_model_defaults
@@ -47,7 +48,7 @@ from evf.training.data import (
 )
 from evf.training.losses import mask_losses
 from evf.training.tokenizer import build_tokenizer, embedding_rows
-from evf.transforms import normalize_sam
+from evf.transforms import Preprocessor, normalize_sam
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,15 @@ PART_PREFIXES: dict[Part, tuple[str, ...]] = {
 }
 
 
-def train(config_path: str, resume: bool = True) -> Path:
-    """Train as the YAML recipe at ``config_path`` says; returns the final checkpoint folder.
+def train(config_path: str, resume: bool = True, overrides: Overrides | None = None) -> Path:
+    """Train as the YAML recipe at ``config_path`` (with ``--set`` ``overrides``) says; returns the
+    final checkpoint folder.
 
     With ``resume`` (the default) a re-run continues from the newest ``checkpoint-<step>`` in the
     output folder, with the same weights, optimiser state and data order. Without it, an output
     folder that already holds checkpoints is an error (nothing is deleted).
     """
-    return Trainer(TrainConfig.from_yaml(config_path)).run(resume)
+    return Trainer(TrainConfig.from_yaml(config_path, overrides)).run(resume)
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -161,9 +163,7 @@ class Trainer:
         self.tokenizer_dir = self._tokenizer_dir()
         self.tokenizer = EvfTokenizer.from_folder(self.tokenizer_dir)
         self.model = self._build_model()
-        self.mode = self.model.config.inference_mode or (
-            "multitask" if self.tokenizer.supports_semantic else "legacy"
-        )
+        self.mode = resolve_mode(None, self.model.config.inference_mode, self.tokenizer.supports_semantic)
         self.trainable_by_part = self._set_trainable(config.train)
         self.trainable = [p for params in self.trainable_by_part.values() for p in params]
         self.optimizer = self._build_optimizer()
@@ -288,14 +288,8 @@ class Trainer:
             yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
         )
         config = self.config
-        dataset = TrainDataset(
-            self.source,
-            self.model.sam_image_size,
-            self.model.beit3_image_size,
-            self.mode,
-            config.data.prompts_per_image,
-            config.seed,
-        )
+        preprocessor = Preprocessor(self.mode, self.model.sam_image_size, self.model.beit3_image_size)
+        dataset = TrainDataset(self.source, preprocessor, config.data.prompts_per_image, config.seed)
         batches = StepBatches(len(self.source), config.batch_size, config.seed, start, config.steps)
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=list, num_workers=config.data.workers)
         self.model.train()

@@ -82,27 +82,15 @@ def load_predictor(args: argparse.Namespace) -> Any:
 
 
 def command(args: argparse.Namespace) -> int:
-    from evf.grounding import MissingDetectorError
-    from evf.io import ImageDecodeError, ImageReadError, encode_png, write_bytes
-    from evf.model.checkpoint import CheckpointError
-    from evf.request import InvalidRequestError, parse_request
+    from evf.io import encode_png, write_bytes
+    from evf.request import parse_request
     from evf.segment import segment
 
-    try:
-        request = parse_request(request_from_args(args))
-        predictor = load_predictor(args)
-        start = time.perf_counter()
-        result = segment(None, request, predictor, detector=args.grounding_model)
-        elapsed = time.perf_counter() - start
-    except (
-        InvalidRequestError,
-        MissingDetectorError,
-        ImageReadError,
-        ImageDecodeError,
-        CheckpointError,
-    ) as err:
-        print(f"error: {err}")
-        return 2
+    request = parse_request(request_from_args(args))
+    predictor = load_predictor(args)
+    start = time.perf_counter()
+    result = segment(None, request, predictor, detector=args.grounding_model)
+    elapsed = time.perf_counter() - start
     write_bytes(args.output, encode_png(result.image))
     summary = {
         "output": args.output,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from evf.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, required=True, help="scenes of a seed are the same everywhere")
@@ -18,8 +20,7 @@ def command(args: argparse.Namespace) -> int:
     from evf.synthetic import write_dataset
 
     if args.count < 1:
-        print(f"error: --count must be >= 1, got {args.count}")
-        return 2
+        raise UserError(f"--count must be >= 1, got {args.count}")
     manifest = write_dataset(
         args.seed, args.count, args.output, expressions_per_scene=args.expressions_per_scene
     )

@@ -1,8 +1,10 @@
-"""``evf train CONFIG``: train or fine-tune an EVF-SAM2 model from a YAML recipe (docs/training.md)."""
+"""``evf train CONFIG [--set KEY=VALUE]``: train or fine-tune an EVF-SAM2 model (docs/training.md)."""
 
 from __future__ import annotations
 
 import argparse
+
+from evf.cli import add_overrides_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,15 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="refuse to start when the output folder holds checkpoints (default: resume from the newest)",
     )
+    add_overrides_argument(parser, "override a recipe field, e.g. --set steps=100 --set optimizer.lr=5e-4")
 
 
 def command(args: argparse.Namespace) -> int:
-    from evf.training import TrainConfigError, train
+    from evf.training import train
 
-    try:
-        checkpoint = train(args.config, resume=not args.no_resume)
-    except TrainConfigError as error:
-        print(f"error: {error}")
-        return 2
+    checkpoint = train(args.config, resume=not args.no_resume, overrides=args.overrides)
     print(f"final checkpoint: {checkpoint}")
     return 0

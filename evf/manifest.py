@@ -1,31 +1,25 @@
-"""The job's manifest: Parquet rows -> validated request records (id, key, request or error).
+"""Manifests: the Parquet tables that ``evf run``, ``evf eval`` and ``evf train`` read, one way.
 
-A manifest is one Parquet file or a folder of ``*.parquet`` files (any fsspec URI). Columns:
+A manifest is one Parquet file or a folder of ``*.parquet`` files (any fsspec URI; names starting
+with ``.`` or ``_`` are ignored). Columns:
 
 - ``image_url`` (required): local path, fsspec URI or ``data:`` URI. A relative path is resolved
-  against the folder of the Parquet file that holds the row (so a manifest can ship with its images).
+  against the folder of the Parquet file that holds the row (so a manifest can ship with its images);
+  so is ``mask_url`` (ground truth, read by ``evf eval`` and ``evf train``).
 - ``prompt`` (required).
 - ``id`` (optional): unique per row. Where the column is absent, or a row's id is null/empty, the id is
   derived from the row's position: ``"<file name>:<row index>"`` (file name relative to the manifest
   folder; the row index counts from 0 within that file). Duplicate ids make the manifest invalid.
 - any of the request options (``evf.request.OPTION_NAMES``), per row, over the job's ``defaults``;
-  null means "the job default". Other columns are ignored.
-
-Each row becomes one *record* (a plain dict, JSON-serialisable) that travels through the job:
-``id``, ``key``, ``image_url`` (resolved), ``prompt``, ``request`` (the validated fields, or None),
-``status`` ("" = to do, "error" = invalid row, "skip" = already committed), ``error``, ``file``,
-``row``. ``key`` is a deterministic hash of (image_url, prompt, options, model id, and for
-``use_grounding_dino`` rows the GroundingDINO model and thresholds) and names the mask file.
+  null means "the job default". Other columns are ignored by the job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from evf.io import join_uri, open_filesystem, redact
-from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
+from evf.io import display_url, join_uri, open_filesystem, uri_protocol
 
 __all__ = [
     "ID_COLUMN",
@@ -42,17 +35,14 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestFile",
-    "grounding_id",
-    "record_from_row",
-    "request_key",
-    "resolve_image_url",
+    "read_rows",
+    "resolve_url",
+    "row_id",
     "scan_manifest",
 ]
 
 REQUIRED_COLUMNS = ("image_url", "prompt")
 ID_COLUMN = "id"
-INT_OPTIONS = frozenset({"blur_mask", "expand_mask"})
-READ_COLUMNS = (ID_COLUMN, *REQUIRED_COLUMNS, *OPTION_NAMES)
 
 
 class ManifestError(ValueError):
@@ -93,32 +83,19 @@ class Manifest:
 # --------------------------------------------------------------------------------------------------
 
 
-def _has_scheme(url: str) -> bool:
-    if url[:5].lower() == "data:":
-        return True
-    scheme, sep, _ = url.partition("://")
-    return (
-        bool(sep) and len(scheme) > 1 and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
-    )
-
-
-def resolve_image_url(url: str, base: str) -> str:
-    """``url`` made absolute: relative paths are joined onto ``base`` (the manifest file's folder)."""
-    if _has_scheme(url) or os.path.isabs(url) or url.startswith("~"):
+def resolve_url(url: str, base: str) -> str:
+    """``url`` (an image or mask URL) made absolute: a relative path is joined onto ``base``, the
+    folder of the manifest file that holds the row."""
+    if uri_protocol(url) or os.path.isabs(url) or url.startswith("~"):
         return os.path.expanduser(url) if url.startswith("~") else url
     return join_uri(base, url)
 
 
 def _parent(uri: str) -> str:
-    if _has_scheme(uri):
+    if uri_protocol(uri):
         scheme, _, rest = uri.partition("://")
         return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
     return os.path.dirname(os.path.abspath(uri))
-
-
-def display_url(url: str) -> str:
-    """``url`` as it may be stored or logged: a password inside it is hidden."""
-    return redact({"url": url})["url"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,11 +204,16 @@ def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
 
 
 def read_rows(
-    file: ManifestFile, start: int, stop: int, storage_options: Mapping[str, Any] | None = None
+    file: ManifestFile,
+    start: int,
+    stop: int,
+    columns: Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Rows ``start..stop-1`` of one manifest file as dicts of the columns the job uses, plus ``_row``."""
+    """Rows ``start..stop-1`` of one manifest file as dicts of ``columns`` (those the file has),
+    plus ``_row``, the row's index in the file."""
     fs, path = open_filesystem(file.uri, storage_options)
-    columns = [c for c in READ_COLUMNS if c in file.columns]
+    columns = [c for c in columns if c in file.columns]
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         offset = 0
@@ -245,118 +227,3 @@ def read_rows(
             for index, row in enumerate(table.slice(lo, hi - lo).to_pylist()):
                 row["_row"] = begin + lo + index
                 yield row
-
-
-# --------------------------------------------------------------------------------------------------
-# One row -> one record
-# --------------------------------------------------------------------------------------------------
-
-
-def grounding_id(model: str | None, box_threshold: float, text_threshold: float) -> str:
-    """What a ``use_grounding_dino`` row's result depends on besides the request and the EVF model:
-    the GroundingDINO checkpoint and the job's thresholds (mixed into those rows' keys)."""
-    return json.dumps(
-        {"model": model, "box_threshold": float(box_threshold), "text_threshold": float(text_threshold)},
-        sort_keys=True,
-    )
-
-
-def request_key(
-    image_url: str, prompt: Any, options: Mapping[str, Any], model_id: str, grounding: str | None = None
-) -> str:
-    """Deterministic 32-hex-digit key of (image_url, prompt, options, model id[, grounding setup]).
-
-    ``grounding`` (``grounding_id(...)``) is given for ``use_grounding_dino`` rows only, so EVF rows'
-    keys do not depend on the GroundingDINO settings.
-    """
-    fields: dict[str, Any] = {
-        "image_url": image_url,
-        "prompt": prompt,
-        "options": dict(sorted(options.items())),
-        "model": model_id,
-    }
-    if grounding is not None:
-        fields["grounding"] = grounding
-    payload = json.dumps(
-        fields,
-        sort_keys=True,
-        default=repr,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
-
-
-def _clean(name: str, value: Any) -> Any:
-    """Arrow/pandas artefacts -> what the request model expects (NaN -> None, 3.0 -> 3 for ints)."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if name in INT_OPTIONS and value.is_integer():
-            return int(value)
-    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
-        try:
-            return value.item()
-        except (TypeError, ValueError):
-            return value
-    return value
-
-
-def record_from_row(
-    row: Mapping[str, Any],
-    *,
-    file: ManifestFile,
-    defaults: Mapping[str, Any],
-    model_id: str,
-    committed: Mapping[str, str] | None = None,
-    grounding: str | None = None,
-) -> dict[str, Any]:
-    """Validate one manifest row into a record (see the module docstring). Never raises for bad rows.
-
-    ``grounding``: the job's ``grounding_id(...)``, part of the key of ``use_grounding_dino`` rows.
-    """
-    index = int(row["_row"])
-    record_id = row_id(row.get(ID_COLUMN), file.name, index)
-    raw_url = _clean("image_url", row.get("image_url"))
-    prompt = _clean("prompt", row.get("prompt"))
-    options = dict(defaults)
-    for name in OPTION_NAMES:
-        value = _clean(name, row.get(name))
-        if value is not None:
-            options[name] = value
-    error = None
-    image_url = raw_url
-    if not isinstance(raw_url, str) or not raw_url.strip():
-        error = f"invalid request: image_url={raw_url!r}: must be a non-empty path or URI"
-    else:
-        image_url = resolve_image_url(raw_url.strip(), file.base)
-    request: dict[str, Any] | None = None
-    if error is None:
-        try:
-            parsed = parse_request({"prompt": prompt, "image_url": image_url, **options})
-            request = parsed.model_dump()
-            options = parsed.options()
-        except InvalidRequestError as exc:
-            error = str(exc)
-    key = request_key(
-        image_url if isinstance(image_url, str) else repr(image_url),
-        prompt,
-        options,
-        model_id,
-        grounding if request is not None and request.get("use_grounding_dino") else None,
-    )
-    status = "error" if error else ""
-    stale = False
-    if committed is not None and record_id in committed:
-        status, stale = "skip", committed[record_id] != key
-    return {
-        "id": record_id,
-        "key": key,
-        "image_url": image_url if isinstance(image_url, str) else None,
-        "prompt": prompt if isinstance(prompt, str) else None,
-        "request": request,
-        "status": status,
-        "error": error,
-        "stale": stale,
-        "file": file.name,
-        "row": index,
-    }

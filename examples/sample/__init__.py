@@ -1,0 +1,1 @@
+"""The sample manifest and its images, installed as the package ``evf.sample`` (see pyproject.toml)."""

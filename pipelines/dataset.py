@@ -1,0 +1,102 @@
+"""The job's Ray Data pipeline: the four stages wired with their batch sizes and reservations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evf.manifest import Manifest
+from evf.predictor import CheckpointInfo
+from pipelines.commit import JobOutput
+from pipelines.config import JobConfig
+from pipelines.decode import DecodeSettings, decode_batch
+from pipelines.finish import FinishSettings, finish_batch
+from pipelines.infer import InferenceSettings, InferenceStage
+from pipelines.read import ReadSettings, grounding_id, make_datasource
+
+__all__ = ["build_dataset", "describe_reservations"]
+
+
+def describe_reservations(config: JobConfig) -> dict[str, Any]:
+    """Logical CPUs/GPUs each stage reserves (per task or actor) and the actor pool's total."""
+    inference = config.inference
+    return {
+        "read_decode_finish": {
+            "num_cpus": config.cpu.num_cpus,
+            "kind": "tasks",
+            "batch_rows": config.cpu.batch_size,
+        },
+        "inference": {
+            "num_cpus": inference.num_cpus,
+            "num_gpus": inference.num_gpus,
+            "kind": f"{inference.actors} actor(s)",
+            "batch_images": inference.batch_size,
+            "total_cpus": inference.actors * inference.num_cpus,
+            "total_gpus": inference.actors * inference.num_gpus,
+        },
+    }
+
+
+def _inference_settings(
+    config: JobConfig, checkpoint: CheckpointInfo, output: JobOutput
+) -> InferenceSettings:
+    import ray
+
+    node_cpus = ray.cluster_resources().get("CPU") if not config.ray.address else None
+    return InferenceSettings(
+        model=config.model,
+        storage=output.storage,
+        device=config.device,
+        dtype=config.inference.dtype,
+        mode=checkpoint.mode,
+        torch_threads=config.torch_threads(node_cpus),
+        compile=config.inference.compile,
+        grounding_model=config.grounding.model,
+        box_threshold=config.grounding.box_threshold,
+        text_threshold=config.grounding.text_threshold,
+    )
+
+
+def build_dataset(
+    config: JobConfig, manifest: Manifest, checkpoint: CheckpointInfo, output: JobOutput, committed: Any
+) -> Any:
+    """The lazy dataset of the run; iterating it runs the job (``committed``: object ref or None)."""
+    import ray
+
+    grounding = grounding_id(
+        config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
+    )
+    read = ReadSettings(output, dict(config.defaults), grounding, committed)
+    rows_per_task = config.cpu.batch_size
+    read_tasks = sum(-(-f.num_rows // rows_per_task) for f in manifest.files)
+    # One block per read task (Ray Data would otherwise split them into tiny blocks).
+    ds = ray.data.read_datasource(
+        make_datasource(manifest.files, rows_per_task, read),
+        num_cpus=config.cpu.num_cpus,
+        override_num_blocks=max(1, read_tasks),
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=config.cpu.batch_size,
+        batch_format="pyarrow",
+        num_cpus=config.cpu.num_cpus,
+        fn_kwargs={"settings": DecodeSettings(output, checkpoint.preprocessor, config.cpu.io_threads)},
+    )
+    inference = config.inference
+    ds = ds.map_batches(
+        InferenceStage,
+        batch_size=inference.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            size=inference.actors, max_tasks_in_flight_per_actor=inference.max_tasks_in_flight
+        ),
+        num_cpus=inference.num_cpus,
+        num_gpus=inference.num_gpus or None,
+        fn_constructor_kwargs={"settings": _inference_settings(config, checkpoint, output)},
+    )
+    return ds.map_batches(
+        finish_batch,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=config.cpu.num_cpus,
+        fn_kwargs={"settings": FinishSettings(output, config.cpu.io_threads)},
+    )

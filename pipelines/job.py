@@ -1,0 +1,257 @@
+"""The batch job: ``run_job(config) -> JobSummary`` (Ray Data, streaming end to end).
+
+Stages (CPU reservations per task/actor come from the config, see ``describe_reservations``)::
+
+    read manifest + validate (tasks)  ->  fetch + decode + prepare (tasks)  ->  model (actor pool)
+        ->  post-process + PNG + write masks, then commit metadata (tasks)
+
+Before anything runs the driver scans the manifest (footers and ids only), reads the committed ids
+under ``metadata/`` and reads the checkpoint's preprocessing (config and tokenizer, no weights).
+After the run it re-reads ``metadata/`` to account for every manifest row and writes ``_job.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from evf.config import ConfigError
+from evf.io import Storage, display_url, open_filesystem
+from evf.manifest import Manifest, ManifestError, scan_manifest
+from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
+from evf.predictor import CheckpointInfo, describe_checkpoint
+from pipelines.commit import Committed, JobOutput, OutputLayout, clear_outputs, load_committed
+from pipelines.config import JobConfig
+from pipelines.dataset import build_dataset, describe_reservations
+from pipelines.progress import JobProgress, start_counters
+from pipelines.summary import JobSummary, RunRecord, summarize_run
+
+log = logging.getLogger("evf.run")
+
+__all__ = ["JobError", "run_job"]
+
+
+class JobError(RuntimeError):
+    """The job itself failed (not a row): bad manifest, model not loadable, storage down, Ray failure."""
+
+
+@contextmanager
+def _ray_session(config: JobConfig) -> Iterator[None]:
+    """Reuse an initialised Ray, else start one (local, or the configured address); shut it after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    if config.ray.runtime_env:
+        kwargs["runtime_env"] = config.ray.runtime_env
+    if config.ray.address:
+        ray.init(address=config.ray.address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(config: JobConfig) -> dict[str, float]:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    pool = config.inference
+    need_cpu, need_gpu = pool.actors * pool.num_cpus, pool.actors * pool.num_gpus
+    problems = []
+    if need_cpu + config.cpu.num_cpus > cpus + 1e-9:
+        problems.append(
+            f"the actor pool reserves {need_cpu:g} CPU ({pool.actors} actor(s) x inference.num_cpus="
+            f"{pool.num_cpus:g}) of the cluster's {cpus:g}, leaving less than cpu.num_cpus="
+            f"{config.cpu.num_cpus:g} for the read/decode/write tasks: the job would hang. Use fractional "
+            "CPUs (e.g. inference.num_cpus: 0.5), fewer actors, or a smaller cpu.num_cpus"
+        )
+    if need_gpu > gpus + 1e-9:
+        problems.append(
+            f"the actor pool needs {need_gpu:g} GPU ({pool.actors} x inference.num_gpus="
+            f"{pool.num_gpus:g}) but the cluster has {gpus:g}; set inference.num_gpus: 0 for CPU inference"
+        )
+    if problems:
+        message = "; ".join(problems)
+        if config.ray.address:  # a cluster may autoscale: warn only
+            log.warning("%s (continuing: the cluster may add nodes)", message)
+        else:
+            raise ConfigError(message)
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost useful message of a (possibly Ray-wrapped) exception, one line."""
+    cause = getattr(error, "cause", None) or error.__cause__ or error
+    text = str(cause).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
+    return f"{type(cause).__name__}: {last}" if type(cause).__name__ not in last else last
+
+
+def _describe_checkpoint(config: JobConfig, storage: Storage) -> CheckpointInfo:
+    """The checkpoint's preprocessing, read where the model will be read (on a cluster: a task)."""
+    import ray
+
+    try:
+        if config.ray.address:  # the model may only be reachable (or worth caching) on the cluster
+            task = ray.remote(num_cpus=min(0.25, config.cpu.num_cpus))(describe_checkpoint)
+            return ray.get(task.remote(config.model, config.inference.mode, storage.options(config.model)))
+        return describe_checkpoint(config.model, config.inference.mode, storage.options(config.model))
+    except Exception as error:
+        raise JobError(f"cannot load model {display_url(config.model)!r}: {_cause(error)}") from None
+
+
+def _asks_for_semantic(config: JobConfig, manifest: Manifest, storage: Storage) -> bool:
+    """True when the job default or any manifest row sets ``semantic_type`` (reads that column only)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if config.defaults.get("semantic_type"):
+        return True
+    for file in manifest.files:
+        if "semantic_type" not in file.columns:
+            continue
+        fs, path = open_filesystem(file.uri, storage.options(file.uri))
+        with fs.open(path, "rb") as handle:
+            column = pq.read_table(handle, columns=["semantic_type"]).column(0)
+        if pc.any(pc.equal(column.cast("bool"), True)).as_py():
+            return True
+    return False
+
+
+def warn_if_semantic_unsupported(
+    config: JobConfig, manifest: Manifest, checkpoint: CheckpointInfo, storage: Storage
+) -> None:
+    """Once per job: semantic rows with a checkpoint whose tokenizer has no ``[semantic]`` token."""
+    if not checkpoint.supports_semantic and _asks_for_semantic(config, manifest, storage):
+        log.warning(
+            "Rows ask for semantic_type=true but model %s has no [semantic] token: the prefix is read "
+            "as plain text. Semantic-level segmentation needs a -multitask checkpoint "
+            "(e.g. YxZhang/evf-sam2-multitask).",
+            display_url(config.model),
+        )
+
+
+def _run_pipeline(
+    config: JobConfig,
+    manifest: Manifest,
+    committed: Committed,
+    output: JobOutput,
+    record: RunRecord,
+    to_do: int,
+) -> None:
+    """Read the checkpoint's preprocessing, run the stages, draw progress as rows commit."""
+    import ray
+
+    record.reservations["cluster"] = _check_resources(config)
+    checkpoint = _describe_checkpoint(config, output.storage)
+    record.model = {**asdict(checkpoint.preprocessor), "model_id": checkpoint.model_id}
+    log.info(
+        "Model %s: mode %s, SAM input %d px",
+        display_url(config.model),
+        checkpoint.mode,
+        checkpoint.preprocessor.sam_size,
+    )
+    warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
+    committed_ref = ray.put(dict(committed.keys)) if committed.keys else None
+    output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
+    progress = JobProgress(output.counters, to_do, enabled=config.progress)
+    try:
+        dataset = build_dataset(config, manifest, checkpoint, output, committed_ref)
+        for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            progress.update()
+        record.stale = progress.update().get("stale", 0)
+    except Exception as error:
+        raise JobError(f"the pipeline failed: {_cause(error)}") from None
+    finally:
+        progress.close()
+
+
+def run_job(config: JobConfig) -> JobSummary:
+    """Run a segmentation job to completion and return its summary.
+
+    Raises:
+        ConfigError: the config cannot run here (e.g. the actor pool would take every CPU).
+        JobError: the job failed as a whole (manifest unusable, model not loadable, storage or Ray
+            failure). Rows that fail are not errors of the job: they are committed as ``error`` rows.
+    """
+    config = config.resolved()
+    started = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
+    storage = Storage.from_environment(config.storage_options)
+    layout = OutputLayout(config.output)
+    output = JobOutput(layout, storage, config.model, run_id)
+    record = RunRecord(
+        run_id,
+        started,
+        config.manifest,
+        config.output,
+        config.model,
+        config.model == DEMO_MODEL_ID,
+        reservations=describe_reservations(config),
+        config=config.public_dict(),
+    )
+    if record.is_demo_model:
+        log.warning("%s", DEMO_MODEL_WARNING)
+    log.info(
+        "Run %s: manifest %s -> output %s", run_id, display_url(config.manifest), display_url(config.output)
+    )
+    try:
+        manifest = scan_manifest(config.manifest, storage.options(config.manifest))
+        if config.overwrite:
+            log.info("--overwrite: deleting previous metadata/, masks/ and _job.json under the output")
+            clear_outputs(layout, storage.options(layout.root))
+            committed = Committed()
+        else:
+            committed = load_committed(layout, storage.options(layout.metadata))
+    except (ManifestError, OSError) as error:
+        raise JobError(str(error)) from None
+    record.input_rows = manifest.num_rows
+    to_do = len(manifest.ids - committed.keys.keys())
+    record.skipped = manifest.num_rows - to_do
+    if committed.duplicate_rows:
+        log.warning("metadata/ already holds %d duplicate row(s) for some ids", committed.duplicate_rows)
+    log.info(
+        "Manifest: %d row(s) in %d file(s); %d already committed, %d to do",
+        manifest.num_rows,
+        len(manifest.files),
+        record.skipped,
+        to_do,
+    )
+    with _ray_session(config):
+        try:
+            if to_do:
+                _run_pipeline(config, manifest, committed, output, record, to_do)
+        except (ConfigError, JobError) as error:
+            record.failure = str(error)
+            raise
+        except BaseException as error:
+            record.failure = f"the job was interrupted or crashed: {_cause(error)}"
+            raise
+        finally:
+            summary = summarize_run(record, manifest.ids, committed, layout, storage)
+    if summary.missing:
+        raise JobError(f"{summary.missing} manifest row(s) have no metadata row after the run")
+    if record.stale:
+        log.warning(
+            "%d committed row(s) were computed from different inputs (manifest row or model changed) and "
+            "were kept; use --overwrite or a new output to recompute them",
+            record.stale,
+        )
+    return summary

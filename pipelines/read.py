@@ -1,0 +1,227 @@
+"""Stage 0: read the manifest, validate each row once, and keep only the rows that need the model.
+
+Each read task reads a row range of one manifest file (row positions give derived ids, see
+``evf.manifest``). Every row is validated here, once, into a :class:`pipelines.rows.JobRow`:
+
+- a row already committed under the output is dropped (resume; counted as ``stale`` when its key
+  changed since it was committed);
+- an invalid row (bad option, missing prompt or URL) is committed as an ``error`` row by the read
+  task itself and dropped;
+- every other row goes on to the decode stage.
+
+So committed and invalid rows never reach a decode task or a model actor.
+
+A row's ``key`` is a deterministic hash of (image_url, prompt, options, model id, and for
+``use_grounding_dino`` rows the GroundingDINO model and thresholds); it names the mask file and
+tells whether a committed row is still what the manifest asks for.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ManifestFile, read_rows, resolve_url, row_id
+from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
+from pipelines.commit import JobOutput
+from pipelines.rows import ROW_SCHEMA, JobRow, rows_table
+
+__all__ = [
+    "READ_COLUMNS",
+    "ReadSettings",
+    "grounding_id",
+    "make_datasource",
+    "parse_row",
+    "read_task",
+    "request_key",
+]
+
+READ_COLUMNS = (ID_COLUMN, *REQUIRED_COLUMNS, *OPTION_NAMES)
+_INT_OPTIONS = frozenset({"blur_mask", "expand_mask"})
+
+
+def grounding_id(model: str | None, box_threshold: float, text_threshold: float) -> str:
+    """What a ``use_grounding_dino`` row's result depends on besides the request and the EVF model:
+    the GroundingDINO checkpoint and the job's thresholds (mixed into those rows' keys)."""
+    return json.dumps(
+        {"model": model, "box_threshold": float(box_threshold), "text_threshold": float(text_threshold)},
+        sort_keys=True,
+    )
+
+
+def request_key(
+    image_url: str, prompt: Any, options: Mapping[str, Any], model_id: str, grounding: str | None = None
+) -> str:
+    """Deterministic 32-hex-digit key of (image_url, prompt, options, model id[, grounding setup]).
+
+    ``grounding`` (``grounding_id(...)``) is given for ``use_grounding_dino`` rows only, so EVF rows'
+    keys do not depend on the GroundingDINO settings.
+    """
+    fields: dict[str, Any] = {
+        "image_url": image_url,
+        "prompt": prompt,
+        "options": dict(sorted(options.items())),
+        "model": model_id,
+    }
+    if grounding is not None:
+        fields["grounding"] = grounding
+    payload = json.dumps(fields, sort_keys=True, default=repr, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def _clean(name: str, value: Any) -> Any:
+    """Arrow/pandas artefacts -> what the request model expects (NaN -> None, 3.0 -> 3 for ints)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if name in _INT_OPTIONS and value.is_integer():
+            return int(value)
+    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """A manifest row whose request did not validate: what its ``error`` metadata row records."""
+
+    id: str
+    key: str
+    image_url: Any
+    prompt: Any
+    error: str
+    file: str
+    index: int
+
+
+def parse_row(
+    raw: Mapping[str, Any],
+    *,
+    file: ManifestFile,
+    defaults: Mapping[str, Any],
+    model_id: str,
+    grounding: str | None = None,
+) -> JobRow | InvalidRow:
+    """Validate one manifest row (as ``evf.manifest.read_rows`` gives it) into a ``JobRow``, or an
+    ``InvalidRow`` whose error names every bad field. Never raises for bad rows.
+
+    Per-row options override the job's ``defaults``; null means "the job default".
+    ``grounding``: the job's ``grounding_id(...)``, part of the key of ``use_grounding_dino`` rows.
+    """
+    index = int(raw["_row"])
+    rid = row_id(raw.get(ID_COLUMN), file.name, index)
+    raw_url = _clean("image_url", raw.get("image_url"))
+    prompt = _clean("prompt", raw.get("prompt"))
+    options = dict(defaults)
+    for name in OPTION_NAMES:
+        value = _clean(name, raw.get(name))
+        if value is not None:
+            options[name] = value
+    if not isinstance(raw_url, str) or not raw_url.strip():
+        error = f"invalid request: image_url={raw_url!r}: must be a non-empty path or URI"
+        key = request_key(repr(raw_url), prompt, options, model_id)
+        return InvalidRow(rid, key, raw_url, prompt, error, file.name, index)
+    image_url = resolve_url(raw_url.strip(), file.base)
+    try:
+        request = parse_request({"prompt": prompt, "image_url": image_url, **options})
+    except InvalidRequestError as error:
+        key = request_key(image_url, prompt, options, model_id)
+        return InvalidRow(rid, key, image_url, prompt, str(error), file.name, index)
+    key = request_key(
+        image_url, prompt, request.options(), model_id, grounding if request.use_grounding_dino else None
+    )
+    return JobRow(rid, key, image_url, file.name, index, request)
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What every read task needs: the commit target, the job's defaults and grounding setup, and
+    the committed ids (an object reference to ``{id: key}``, or None when nothing is committed)."""
+
+    output: JobOutput
+    defaults: dict[str, Any] = field(default_factory=dict)
+    grounding: str | None = None
+    committed: Any = None
+
+
+@functools.lru_cache(maxsize=1)
+def _committed_keys(reference: Any) -> Mapping[str, str]:
+    """The committed-id map behind an object reference, fetched once per worker process."""
+    import ray
+
+    return ray.get(reference)
+
+
+def read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings) -> pa.Table:
+    """Rows ``start..stop-1`` of ``file``: commit the invalid ones, drop the committed ones, return
+    the rest as ``ROW_SCHEMA``."""
+    committed = {} if settings.committed is None else _committed_keys(settings.committed)
+    output = settings.output
+    todo: list[JobRow] = []
+    invalid: list[dict[str, Any]] = []
+    stale = 0
+    for raw in read_rows(file, start, stop, READ_COLUMNS, output.storage.options(file.uri)):
+        row = parse_row(
+            raw, file=file, defaults=settings.defaults, model_id=output.model_id, grounding=settings.grounding
+        )
+        if row.id in committed:
+            stale += committed[row.id] != row.key
+        elif isinstance(row, InvalidRow):
+            invalid.append(
+                output.invalid_row(
+                    id=row.id,
+                    key=row.key,
+                    image_url=row.image_url,
+                    prompt=row.prompt,
+                    error=row.error,
+                    file=row.file,
+                    index=row.index,
+                )
+            )
+        else:
+            todo.append(row)
+    output.commit(invalid, stale=stale)
+    return rows_table(todo)
+
+
+def make_datasource(files: Sequence[ManifestFile], rows_per_task: int, settings: ReadSettings) -> Any:
+    """A Ray Data datasource of the manifest: one read task per ``rows_per_task`` rows of a file."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ManifestSource(Datasource):
+        def get_name(self) -> str:
+            return "ReadManifest"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(
+            self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+        ) -> list[ReadTask]:
+            tasks = []
+            for file in files:
+                for start in range(0, file.num_rows, rows_per_task):
+                    stop = min(start + rows_per_task, file.num_rows)
+                    metadata = BlockMetadata(
+                        num_rows=None, size_bytes=None, exec_stats=None, input_files=(file.uri,)
+                    )
+                    read = functools.partial(_one_block, file, start, stop, settings)
+                    tasks.append(ReadTask(read, metadata, schema=ROW_SCHEMA))
+            return tasks
+
+    return ManifestSource()
+
+
+def _one_block(file: ManifestFile, start: int, stop: int, settings: ReadSettings) -> Iterable[pa.Table]:
+    return [read_task(file, start, stop, settings)]

@@ -1,0 +1,232 @@
+"""The job's typed records and the Arrow schemas they travel in between stages.
+
+- :class:`JobRow`: one manifest row to compute, validated once at the read stage (its request is a
+  ``SegmentRequest`` rebuilt downstream without re-validation). The model stage fills in its
+  outcome (``score``, mask indices, ``instances`` or ``error``).
+- :class:`ImageUnit`: one distinct image of a decode batch with every row that names it: the
+  model inputs (uint8 SAM 2 pixels, float32 BEiT-3 pixels), the original pixels when a row needs
+  them, and after the model stage the masks (packed bits, ``mask_count`` x H x W).
+
+Between the read and decode stages a table has one row per ``JobRow`` (``ROW_SCHEMA``); between
+decode, model and finish one row per ``ImageUnit`` (``UNIT_SCHEMA``, rows as a list of structs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from evf.request import OPTION_DEFAULTS, OPTION_NAMES, SegmentRequest
+from evf.transforms import PreparedImage
+
+__all__ = [
+    "INSTANCE_TYPE",
+    "OPTION_TYPES",
+    "RLE_TYPE",
+    "ROW_SCHEMA",
+    "UNIT_SCHEMA",
+    "ImageUnit",
+    "JobRow",
+    "rows_from_table",
+    "rows_table",
+    "units_from_table",
+    "units_table",
+]
+
+OPTION_TYPES: dict[str, pa.DataType] = {
+    name: pa.string()
+    if name == "negative_prompt"
+    else pa.int32()
+    if isinstance(default, int) and not isinstance(default, bool)
+    else pa.bool_()
+    for name, default in OPTION_DEFAULTS.items()
+}
+"""Arrow type of each request option column (the same in the job's rows and in the metadata)."""
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+"""COCO compressed RLE: ``{"size": [H, W], "counts": str}``."""
+
+INSTANCE_TYPE = pa.struct(
+    [
+        ("box", pa.list_(pa.float32(), 4)),
+        ("detector_score", pa.float32()),
+        ("mask_score", pa.float32()),
+        ("label", pa.string()),
+        ("rle", RLE_TYPE),
+    ]
+)
+"""One GroundingDINO box of a row (``evf.segment.Instance.to_dict``): ``box`` ``[x, y, w, h]``
+float pixels, GroundingDINO's score, SAM 2's predicted IoU, the matched prompt words, and the COCO
+RLE of that box's own mask (before post-processing and negative subtraction)."""
+
+_ROW_FIELDS = [
+    ("id", pa.string()),
+    ("key", pa.string()),
+    ("image_url", pa.string()),
+    ("manifest_file", pa.string()),
+    ("manifest_row", pa.int64()),
+    ("prompt", pa.string()),
+    *[(name, OPTION_TYPES[name]) for name in OPTION_NAMES],
+    ("elapsed_ms", pa.float64()),
+    ("score", pa.float64()),
+    ("mask_index", pa.int32()),
+    ("negative_index", pa.int32()),
+    ("instances", pa.list_(INSTANCE_TYPE)),
+    ("error", pa.string()),
+]
+ROW_SCHEMA = pa.schema(_ROW_FIELDS)
+ROW_TYPE = pa.struct(_ROW_FIELDS)
+
+UNIT_SCHEMA = pa.schema(
+    [
+        ("image_url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sam", pa.large_binary()),  # PreparedImage.sam_pixels, uint8 (3, h, w)
+        ("sam_shape", pa.list_(pa.int32(), 3)),
+        ("beit3", pa.large_binary()),  # PreparedImage.beit3_pixels, float32 (3, s, s)
+        ("beit3_shape", pa.list_(pa.int32(), 3)),
+        ("image", pa.large_binary()),  # HxWx3 uint8, only when a row needs it (RGBA output, GroundingDINO)
+        ("masks", pa.large_binary()),  # after the model: packed bool (mask_count, H, W)
+        ("mask_count", pa.int32()),
+        ("rows", pa.list_(ROW_TYPE)),
+    ]
+)
+
+
+@dataclass
+class JobRow:
+    """One manifest row to compute (see the module docstring).
+
+    ``image_url`` is resolved (absolute); ``request`` holds every option, job defaults applied.
+    ``elapsed_ms`` accumulates the row's share of each stage's work (shared reads, decodes and
+    model calls are split between the rows that share them).
+    """
+
+    id: str
+    key: str
+    image_url: str
+    manifest_file: str
+    manifest_row: int
+    request: SegmentRequest
+    elapsed_ms: float = 0.0
+    score: float | None = None
+    mask_index: int | None = None
+    negative_index: int | None = None
+    instances: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether the model or finish stage needs the original pixels (RGBA output, GroundingDINO)."""
+        return not self.request.mask_only or self.request.use_grounding_dino
+
+    def to_arrow(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "request"}
+        data["prompt"] = self.request.prompt
+        data.update(self.request.options())
+        return data
+
+    @classmethod
+    def from_arrow(cls, data: dict[str, Any]) -> JobRow:
+        # Validated when the row was read: rebuilt as it was, without a second validation.
+        request = SegmentRequest.model_construct(
+            prompt=data["prompt"], image_url=data["image_url"], **{n: data[n] for n in OPTION_NAMES}
+        )
+        names = [f.name for f in fields(cls) if f.name != "request"]
+        return cls(request=request, **{name: data[name] for name in names})
+
+
+def rows_table(rows: Sequence[JobRow]) -> pa.Table:
+    return pa.Table.from_pylist([row.to_arrow() for row in rows], schema=ROW_SCHEMA)
+
+
+def rows_from_table(table: pa.Table) -> list[JobRow]:
+    return [JobRow.from_arrow(data) for data in table.to_pylist()]
+
+
+@dataclass
+class ImageUnit:
+    """One image of a batch with its rows (see the module docstring). ``height``/``width`` are the
+    original size; ``sam``/``beit3`` are None once the model has used them."""
+
+    image_url: str
+    width: int
+    height: int
+    rows: list[JobRow]
+    sam: bytes | None = None
+    sam_shape: list[int] | None = None
+    beit3: bytes | None = None
+    beit3_shape: list[int] | None = None
+    image: bytes | None = None
+    masks: bytes | None = None
+    mask_count: int | None = None
+
+    @classmethod
+    def prepared(
+        cls, image_url: str, image: np.ndarray, prepared: PreparedImage, rows: list[JobRow]
+    ) -> ImageUnit:
+        """A unit from a decoded HxWx3 uint8 image and its model inputs."""
+        sam, beit3 = prepared.sam_pixels.numpy(), prepared.beit3_pixels.numpy()
+        return cls(
+            image_url=image_url,
+            width=int(image.shape[1]),
+            height=int(image.shape[0]),
+            rows=rows,
+            sam=sam.tobytes(),
+            sam_shape=list(sam.shape),
+            beit3=np.ascontiguousarray(beit3, dtype=np.float32).tobytes(),
+            beit3_shape=list(beit3.shape),
+            image=image.tobytes() if any(row.needs_image for row in rows) else None,
+        )
+
+    def prepared_image(self) -> PreparedImage:
+        """The model inputs as the predictor takes them."""
+        assert self.sam is not None and self.beit3 is not None and self.sam_shape and self.beit3_shape
+        sam = np.frombuffer(self.sam, np.uint8).reshape(self.sam_shape).copy()
+        beit3 = np.frombuffer(self.beit3, np.float32).reshape(self.beit3_shape).copy()
+        return PreparedImage(torch.from_numpy(sam), torch.from_numpy(beit3), (self.height, self.width))
+
+    def image_array(self) -> np.ndarray | None:
+        """The original HxWx3 uint8 pixels (read-only), when carried."""
+        if self.image is None:
+            return None
+        return np.frombuffer(self.image, np.uint8).reshape(self.height, self.width, 3)
+
+    def set_masks(self, masks: Sequence[np.ndarray]) -> None:
+        """Store the model's bool (H, W) masks (packed bits) and drop the model inputs."""
+        self.sam = self.beit3 = None
+        self.mask_count = len(masks)
+        self.masks = (
+            np.packbits(np.stack(masks).astype(bool, copy=False), axis=None).tobytes() if masks else None
+        )
+
+    def mask_array(self) -> np.ndarray | None:
+        """bool (mask_count, H, W), or None when the model gave no mask."""
+        if self.masks is None or not self.mask_count:
+            return None
+        count = self.mask_count * self.height * self.width
+        bits = np.unpackbits(np.frombuffer(self.masks, np.uint8), count=count)
+        return bits.reshape(self.mask_count, self.height, self.width).astype(bool)
+
+    def to_arrow(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["rows"] = [row.to_arrow() for row in self.rows]
+        return data
+
+
+def units_table(units: Sequence[ImageUnit]) -> pa.Table:
+    return pa.Table.from_pylist([unit.to_arrow() for unit in units], schema=UNIT_SCHEMA)
+
+
+def units_from_table(table: pa.Table) -> list[ImageUnit]:
+    units = []
+    for data in table.to_pylist():
+        data["rows"] = [JobRow.from_arrow(row) for row in data["rows"]]
+        units.append(ImageUnit(**data))
+    return units
