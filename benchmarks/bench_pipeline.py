@@ -38,7 +38,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines.cli import add_overrides_argument  # noqa: E402
+from evf.cli import add_overrides_argument  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 THROUGHPUT_TARGET = 0.8
@@ -188,17 +188,15 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
 # --------------------------------------------------------------------------------------------------
 
 
-def run_pipeline(manifest: str, model: str, output: Path, overrides: dict) -> tuple[float, int, float]:
+def run_pipeline(manifest: str, model: str, output: Path, overrides: list[str]) -> tuple[float, int, float]:
     """(seconds, rows, peak MB) of one job on a fresh local Ray."""
     import ray
 
-    from pipelines.config import DEFAULT_CONFIG, load_config
-    from pipelines.segment_job import run_job
+    from pipelines.config import load_config
+    from pipelines.job import run_job
 
-    config = load_config(
-        DEFAULT_CONFIG,
-        {"manifest": manifest, "output": str(output), "model": model, "progress": False, **overrides},
-    )
+    flags = {"manifest": manifest, "output": str(output), "model": model, "progress": False}
+    config = load_config(None, overrides, flags)
     with PeakMemory() as memory:
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, logging_level="WARNING")
         try:
@@ -228,15 +226,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    import yaml
+    from pipelines.config import load_config
 
-    from pipelines.config import DEFAULT_CONFIG, load_config
-
-    overrides = {}
-    for text in args.overrides:
-        key, _, value = text.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    config = load_config(DEFAULT_CONFIG, {"manifest": "-", "output": "-", **overrides})
+    overrides = args.overrides
+    config = load_config(None, overrides, {"manifest": "-", "output": "-"})
     small, large = sorted(args.rows)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)

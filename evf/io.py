@@ -1,8 +1,6 @@
 """Image and mask I/O on local paths, ``data:`` URIs and any fsspec storage (S3, GCS, memory, HTTP...).
 
-Everything here takes a URI string plus optional fsspec ``storage_options``. For ``s3://`` URIs the
-standard AWS environment variables fill in whatever the caller did not pass explicitly (see
-:func:`storage_options_for`), so a job runs the same against AWS, MinIO or a local moto server.
+Everything here takes a URI string plus optional fsspec ``storage_options`` (see ``evf.storage``).
 
 Errors are raised as :class:`ImageReadError` / :class:`ImageWriteError` (both ``OSError``) for storage
 problems and :class:`ImageDecodeError` (``ValueError``) for bytes that are not a usable image. Messages
@@ -19,47 +17,30 @@ import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
+from urllib.parse import unquote_to_bytes
 
 import cv2
-import fsspec
-import fsspec.core
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from evf.errors import UserError
+from evf.storage import describe_error, open_filesystem, shown_uri, uri_protocol
 
 __all__ = [
     "ImageDecodeError",
     "ImageReadError",
     "ImageWriteError",
-    "Storage",
     "decode_image",
-    "display_url",
     "encode_png",
-    "join_uri",
     "load_image",
     "load_mask",
-    "open_filesystem",
     "read_bytes",
-    "redact",
-    "storage_options_for",
-    "uri_protocol",
     "write_bytes",
 ]
 
-REDACTED = "***"
-
-_S3_PROTOCOLS = frozenset({"s3", "s3a"})
-_CREDENTIAL_OPTIONS = ("key", "secret", "token", "profile", "anon")
-_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "key")
-# Option names that contain a "secret word" but are not secrets.
-_NOT_SECRET = frozenset({"endpoint_url", "key_prefix", "sse_kms_key_id", "ssekmskeyid"})
 _EXIF_ORIENTATION = 0x0112
-_MAX_URI_IN_MESSAGE = 200
 
 
 class ImageReadError(UserError, OSError):
@@ -77,207 +58,6 @@ class ImageDecodeError(UserError, ValueError):
 # --------------------------------------------------------------------------------------------------
 # URIs and storage options
 # --------------------------------------------------------------------------------------------------
-
-
-def uri_protocol(uri: str) -> str:
-    """The URI's scheme in lower case ('' for plain local paths, 'data' for data: URIs)."""
-    if uri[:5].lower() == "data:":
-        return "data"
-    scheme, sep, _ = uri.partition("://")
-    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme) or len(scheme) == 1:
-        # No scheme, or a Windows drive letter such as C://...
-        return ""
-    return scheme.lower()
-
-
-def storage_options_for(uri: str, explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec storage options for ``uri``: ``explicit`` completed from the environment where relevant.
-
-    For ``s3://`` (and ``s3a://``) URIs, options the caller did not give are taken from the standard AWS
-    variables: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` -> ``client_kwargs["endpoint_url"]``,
-    ``AWS_ACCESS_KEY_ID`` -> ``key``, ``AWS_SECRET_ACCESS_KEY`` -> ``secret``, ``AWS_SESSION_TOKEN`` ->
-    ``token`` and ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` -> ``client_kwargs["region_name"]``. Explicit
-    values always win; credentials are only taken from the environment when the caller gave none of
-    ``key``/``secret``/``token``/``profile``/``anon`` (mixing sources would pair mismatched keys).
-    Other protocols get a copy of ``explicit`` only. The result is a new dict; inputs are not modified.
-    """
-    options: dict[str, Any] = dict(explicit or {})
-    if uri_protocol(uri) not in _S3_PROTOCOLS:
-        return options
-    env = os.environ
-    client_kwargs = dict(options.get("client_kwargs") or {})
-
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint and "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
-        client_kwargs["endpoint_url"] = endpoint
-
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region and "region_name" not in client_kwargs:
-        client_kwargs["region_name"] = region
-
-    has_credentials = any(options.get(name) for name in _CREDENTIAL_OPTIONS) or any(
-        name in client_kwargs for name in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-    )
-    if not has_credentials:
-        for option, variable in (
-            ("key", "AWS_ACCESS_KEY_ID"),
-            ("secret", "AWS_SECRET_ACCESS_KEY"),
-            ("token", "AWS_SESSION_TOKEN"),
-        ):
-            if env.get(variable):
-                options[option] = env[variable]
-
-    if client_kwargs:
-        options["client_kwargs"] = client_kwargs
-    return options
-
-
-@dataclass(frozen=True)
-class Storage:
-    """fsspec options for every URI a job touches, resolved once (in the driver) and then shipped.
-
-    ``explicit`` are the config's options; ``s3`` the same completed from the resolving process's
-    AWS environment (so workers started before the variables were set still reach the right
-    endpoint). ``options(uri)`` is what to pass to any function of this module. Never printed.
-    """
-
-    explicit: dict[str, Any] = field(default_factory=dict)
-    s3: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_environment(cls, explicit: Mapping[str, Any] | None = None) -> Storage:
-        explicit = dict(explicit or {})
-        return cls(explicit, storage_options_for("s3://bucket", explicit))
-
-    def options(self, uri: str) -> dict[str, Any]:
-        if uri_protocol(uri) in _S3_PROTOCOLS:
-            return dict(self.s3)
-        return storage_options_for(uri, self.explicit)
-
-    def __repr__(self) -> str:  # never print credentials
-        return "Storage(<redacted>)"
-
-
-def _is_secret_name(name: str) -> bool:
-    lowered = name.lower()
-    return lowered not in _NOT_SECRET and any(word in lowered for word in _SECRET_WORDS)
-
-
-def display_url(url: str) -> str:
-    """``url`` as it may be stored or logged: an embedded password is hidden
-    (``https://user:pass@host`` -> ``https://user:***@host``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    userinfo = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:{REDACTED}@{netloc[2]}"))
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return redact(value)
-    if isinstance(value, list | tuple):
-        return type(value)(_redact_value(item) for item in value)
-    if isinstance(value, str) and "://" in value:
-        return display_url(value)
-    return value
-
-
-def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``options`` safe to log: secret values replaced by ``'***'``.
-
-    An option is secret when its name contains 'secret', 'token', 'password', 'credential' or 'key'
-    (so ``key``, ``aws_secret_access_key``, ``sse_customer_key``...), except known non-secrets such as
-    ``endpoint_url``. Nested mappings (``client_kwargs``...) are redacted too, ``None`` values are kept
-    so the log still shows which options were unset, and passwords inside URLs are hidden.
-    """
-    result: dict[str, Any] = {}
-    for name, value in (options or {}).items():
-        if _is_secret_name(str(name)) and value is not None and not isinstance(value, Mapping | bool):
-            result[name] = REDACTED
-        else:
-            result[name] = _redact_value(value)
-    return result
-
-
-def _display_uri(uri: str) -> str:
-    """The URI as it may appear in an error message: no embedded password, long data: URIs shortened."""
-    shown = display_url(uri)
-    if len(shown) > _MAX_URI_IN_MESSAGE:
-        shown = shown[: _MAX_URI_IN_MESSAGE - 3] + "..."
-    return shown
-
-
-def _secret_values(options: Mapping[str, Any] | None) -> list[str]:
-    found: list[str] = []
-    for name, value in (options or {}).items():
-        if isinstance(value, Mapping):
-            found.extend(_secret_values(value))
-        elif isinstance(value, str) and len(value) >= 4 and _is_secret_name(str(name)):
-            found.append(value)
-    return found
-
-
-def _describe(error: BaseException, options: Mapping[str, Any] | None = None) -> str:
-    """A short human-readable cause for ``error``, with any credential value scrubbed out."""
-    if isinstance(error, FileNotFoundError):
-        text = "file not found"
-    elif isinstance(error, IsADirectoryError):
-        text = "is a directory"
-    elif isinstance(error, PermissionError):
-        text = f"permission denied ({error})" if str(error) else "permission denied"
-    else:
-        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    for secret in _secret_values(options):
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-def open_filesystem(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem holding ``uri`` and the path within it (``fsspec.core.url_to_fs``).
-
-    Storage options are completed with :func:`storage_options_for`. Local paths give a
-    ``LocalFileSystem`` and an absolute path.
-    """
-    return fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join path segments onto a local path or a URI.
-
-    Segments are always treated as relative (leading/trailing slashes are dropped, empty segments are
-    skipped); URIs are joined with '/', local paths with ``os.path.join``. Examples:
-    ``join_uri("s3://bucket/out/", "masks", "a.png") == "s3://bucket/out/masks/a.png"``,
-    ``join_uri("/data", "/x.png") == "/data/x.png"``.
-    """
-    base = os.fspath(base)
-    segments = [str(part) for part in parts]
-    if uri_protocol(base) == "data":
-        raise ValueError("cannot join path segments onto a data: URI")
-    if uri_protocol(base) == "":
-        relative = [stripped for segment in segments if (stripped := segment.strip("/" + os.sep))]
-        if not base:
-            return os.path.join(*relative) if relative else ""
-        return os.path.join(base, *relative)
-    scheme, _, rest = base.partition("://")
-    head = rest.rstrip("/")
-    if not head and rest:  # e.g. "file:///": keep the root slash
-        head = "/"
-    joined = head
-    for segment in segments:
-        segment = segment.strip("/")
-        if not segment:
-            continue
-        joined = (
-            segment if not joined else (joined + segment if joined.endswith("/") else f"{joined}/{segment}")
-        )
-    return f"{scheme}://{joined}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +105,7 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
         return bytes(data)
     except Exception as error:
         raise ImageReadError(
-            f"cannot read {_display_uri(uri)!r}: {_describe(error, storage_options)}"
+            f"cannot read {shown_uri(uri)!r}: {describe_error(error, storage_options)}"
         ) from error
 
 
@@ -370,7 +150,7 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
             fs.pipe_file(path, bytes(data))
     except Exception as error:
         raise ImageWriteError(
-            f"cannot write {_display_uri(uri)!r}: {_describe(error, storage_options)}"
+            f"cannot write {shown_uri(uri)!r}: {describe_error(error, storage_options)}"
         ) from error
 
 
@@ -417,7 +197,7 @@ def decode_image(data: bytes, source: str = "<bytes>") -> np.ndarray:
     than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb guard; raise that limit to allow bigger
     images, or set it to ``None`` to disable the guard).
     """
-    name = _display_uri(os.fspath(source))
+    name = shown_uri(os.fspath(source))
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
@@ -479,7 +259,7 @@ def load_mask(uri: str, storage_options: Mapping[str, Any] | None = None) -> np.
     data = read_bytes(uri, storage_options)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise ImageDecodeError(f"{_display_uri(uri)!r} is not an image (a mask file was expected)")
+        raise ImageDecodeError(f"{shown_uri(uri)!r} is not an image (a mask file was expected)")
     if image.ndim == 3:
         image = image[:, :, 3] if image.shape[2] == 4 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     if image.dtype == np.uint16:  # 16-bit masks keep their high byte, as decode_image does

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from evf.io import display_url, join_uri, open_filesystem, uri_protocol
+from evf.storage import display_url, join_uri, open_filesystem, uri_protocol
 
 __all__ = [
     "ID_COLUMN",

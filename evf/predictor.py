@@ -57,9 +57,11 @@ class Prediction:
 class BoxMasks:
     """SAM 2 masks for the K boxes of one image (``predict_boxes``), at the original image size.
 
-    masks: (K, H, W) bool (= logits > 0); scores: (K,) float32 predicted IoU.
+    mask_logits: (K, H, W) float32; masks: (K, H, W) bool (= logits > 0); scores: (K,) float32
+    predicted IoU.
     """
 
+    mask_logits: np.ndarray
     masks: np.ndarray
     scores: np.ndarray
 
@@ -297,10 +299,11 @@ class EvfSam2Predictor:
         out, start = [], 0
         for k, size in zip(counts, sizes, strict=True):
             if k == 0:
-                out.append(BoxMasks(np.zeros((0, *size), bool), np.zeros(0, np.float32)))
+                empty = np.zeros((0, *size), np.float32)
+                out.append(BoxMasks(empty, empty > 0, np.zeros(0, np.float32)))
                 continue
             stacked = np.stack(logits[start : start + k])
-            out.append(BoxMasks(stacked > 0, scores[start : start + k].copy()))
+            out.append(BoxMasks(stacked, stacked > 0, scores[start : start + k].copy()))
             start += k
         return out
 

@@ -30,7 +30,7 @@ import numpy as np
 from evf.grounding import DetectorImage, GroundingDetector, MissingDetectorError
 from evf.model.checkpoint import DEMO_MODEL_WARNING
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
-from evf.predictor import EvfSam2Predictor, PreparedImage, Prompt
+from evf.predictor import EmbeddedImages, EvfSam2Predictor, PreparedImage, Prompt
 from evf.request import SegmentRequest, parse_request
 
 log = logging.getLogger(__name__)
@@ -161,61 +161,87 @@ def infer_masks(
     warn_if_semantic_unsupported(predictor, [r for _, _, r in evf_items])
     embedded = predictor.embed_images(images)
     out: list[RawMasks | None] = [None] * len(items)
+    for k, raw in _text_masks(predictor, embedded, evf_items):
+        out[k] = raw
+    if dino_items:
+        assert detector is not None
+        sources = list(images if detector_images is None else detector_images)
+        for k, raw in _box_masks(predictor, embedded, dino_items, detector, sources):
+            out[k] = raw
+    return out  # type: ignore[return-value]
 
+
+# (position in the batch, image index, request) of the requests one path answers
+_Items = list[tuple[int, int, SegmentRequest]]
+
+
+def _text_masks(
+    predictor: EvfSam2Predictor, embedded: EmbeddedImages, items: _Items
+) -> list[tuple[int, RawMasks]]:
+    """EVF requests: one BEiT-3 + decoder pass for every prompt and negative prompt of the batch."""
     prompts: list[tuple[int, Prompt]] = []
-    for _, image_index, request in evf_items:
+    for _, image_index, request in items:
         prompts.append((image_index, Prompt(request.prompt, request.semantic_type)))
         if request.negative_prompt:
             prompts.append((image_index, Prompt(request.negative_prompt)))
     predictions = iter(predictor.predict_embedded(embedded, prompts))
-    for k, _, request in evf_items:
+    out = []
+    for k, _, request in items:
         positive = next(predictions)
         negative = next(predictions).mask if request.negative_prompt else None
-        out[k] = RawMasks(positive.mask, positive.score, negative)
+        out.append((k, RawMasks(positive.mask, positive.score, negative)))
+    return out
 
-    if dino_items:
-        assert detector is not None
-        sources = list(images if detector_images is None else detector_images)
-        if len(sources) != len(images):
-            raise ValueError(f"{len(images)} images but {len(sources)} detector_images")
-        for _, image_index, _ in dino_items:
-            if not isinstance(sources[image_index], np.ndarray | DetectorImage):
-                raise ValueError(
-                    f"image {image_index}: GroundingDINO needs the original array or a DetectorImage "
-                    "(pass detector_images when images are PreparedImage)"
-                )
-        queries: list[tuple[int, str]] = []
-        for _, image_index, request in dino_items:
-            queries.append((image_index, request.prompt))
-            if request.negative_prompt:
-                queries.append((image_index, request.negative_prompt))
-        detections = detector.detect(sources, queries)  # type: ignore[arg-type]
-        boxes = [(i, d.boxes) for (i, _), d in zip(queries, detections, strict=True)]
-        masks = iter(predictor.predict_boxes(embedded, boxes))
-        found = iter(detections)
-        for k, image_index, request in dino_items:
-            size = embedded.images[image_index].size
-            positive, positive_masks = next(found), next(masks)
-            instances = [
-                Instance(tuple(box.tolist()), float(score), float(mask_score), mask, label)
-                for box, score, mask_score, mask, label in zip(
-                    positive.boxes,
-                    positive.scores,
-                    positive_masks.scores,
-                    positive_masks.masks,
-                    positive.labels,
-                    strict=True,
-                )
-            ]
-            negative = None
-            if request.negative_prompt:
-                next(found)
-                negative_masks = next(masks).masks
-                negative = negative_masks.any(axis=0) if len(negative_masks) else None
-            union = positive_masks.masks.any(axis=0) if instances else np.zeros(size, bool)
-            score = float(positive_masks.scores.max()) if instances else 0.0
-            out[k] = RawMasks(union, score, negative, instances)
-    return out  # type: ignore[return-value]
+
+def _box_masks(
+    predictor: EvfSam2Predictor,
+    embedded: EmbeddedImages,
+    items: _Items,
+    detector: GroundingDetector,
+    sources: Sequence[np.ndarray | DetectorImage | PreparedImage | None],
+) -> list[tuple[int, RawMasks]]:
+    """GroundingDINO requests: boxes for the prompt (and negative prompt), segmented by SAM 2 on the
+    same embeddings; the mask is the union of the prompt's boxes' masks."""
+    if len(sources) != len(embedded.images):
+        raise ValueError(f"{len(embedded.images)} images but {len(sources)} detector_images")
+    for _, image_index, _ in items:
+        if not isinstance(sources[image_index], np.ndarray | DetectorImage):
+            raise ValueError(
+                f"image {image_index}: GroundingDINO needs the original array or a DetectorImage "
+                "(pass detector_images when images are PreparedImage)"
+            )
+    queries: list[tuple[int, str]] = []
+    for _, image_index, request in items:
+        queries.append((image_index, request.prompt))
+        if request.negative_prompt:
+            queries.append((image_index, request.negative_prompt))
+    detections = detector.detect(sources, queries)  # type: ignore[arg-type]
+    boxes = [(i, d.boxes) for (i, _), d in zip(queries, detections, strict=True)]
+    masks, found = iter(predictor.predict_boxes(embedded, boxes)), iter(detections)
+    out = []
+    for k, image_index, request in items:
+        positive, positive_masks = next(found), next(masks)
+        instances = [
+            Instance(tuple(box.tolist()), float(score), float(mask_score), mask, label)
+            for box, score, mask_score, mask, label in zip(
+                positive.boxes,
+                positive.scores,
+                positive_masks.scores,
+                positive_masks.masks,
+                positive.labels,
+                strict=True,
+            )
+        ]
+        negative = None
+        if request.negative_prompt:
+            next(found)
+            negative_masks = next(masks).masks
+            negative = negative_masks.any(axis=0) if len(negative_masks) else None
+        size = embedded.images[image_index].size
+        union = positive_masks.masks.any(axis=0) if instances else np.zeros(size, bool)
+        score = float(positive_masks.scores.max()) if instances else 0.0
+        out.append((k, RawMasks(union, score, negative, instances)))
+    return out
 
 
 def finish(request: SegmentRequest, raw: RawMasks, image: np.ndarray | None = None) -> SegmentResult:

@@ -26,9 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from evf.io import ImageWriteError, Storage, display_url, join_uri, open_filesystem, write_bytes
+from evf.io import ImageWriteError, write_bytes
 from evf.request import OPTION_NAMES
 from evf.segment import SegmentResult
+from evf.storage import Storage, display_url, join_uri, open_filesystem
 from pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 
 log = logging.getLogger(__name__)

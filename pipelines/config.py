@@ -25,8 +25,8 @@ from evf.config import (
     read_yaml_mapping,
     validate_config,
 )
-from evf.io import display_url, redact
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
+from evf.storage import display_url, redact
 
 __all__ = [
     "DEFAULT_CONFIG",

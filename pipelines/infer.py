@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from evf.io import Storage
 from evf.request import SegmentRequest
+from evf.storage import Storage
 from evf.transforms import PreparedImage
 from pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
 from pipelines.workers import error_text, release_memory

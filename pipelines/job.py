@@ -22,10 +22,10 @@ from dataclasses import asdict
 from typing import Any
 
 from evf.config import ConfigError
-from evf.io import Storage, display_url, open_filesystem
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.predictor import CheckpointInfo, describe_checkpoint
+from evf.storage import Storage, display_url, open_filesystem
 from pipelines.commit import Committed, JobOutput, OutputLayout, clear_outputs, load_committed
 from pipelines.config import JobConfig
 from pipelines.dataset import build_dataset, describe_reservations

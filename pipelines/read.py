@@ -146,7 +146,8 @@ def parse_row(
 @dataclass(frozen=True)
 class ReadSettings:
     """What every read task needs: the commit target, the job's defaults and grounding setup, and
-    the committed ids (an object reference to ``{id: key}``, or None when nothing is committed)."""
+    the committed ids: an object reference to ``{id: key}`` (or that mapping itself when run in
+    process), None when nothing is committed."""
 
     output: JobOutput
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +166,9 @@ def _committed_keys(reference: Any) -> Mapping[str, str]:
 def read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings) -> pa.Table:
     """Rows ``start..stop-1`` of ``file``: commit the invalid ones, drop the committed ones, return
     the rest as ``ROW_SCHEMA``."""
-    committed = {} if settings.committed is None else _committed_keys(settings.committed)
+    committed = settings.committed or {}
+    if not isinstance(committed, Mapping):
+        committed = _committed_keys(committed)
     output = settings.output
     todo: list[JobRow] = []
     invalid: list[dict[str, Any]] = []

@@ -8,7 +8,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from evf.io import Storage, display_url, write_bytes
+from evf.io import write_bytes
+from evf.storage import Storage, display_url
 from pipelines.commit import STATUSES, Committed, OutputLayout, load_committed
 
 log = logging.getLogger("evf.run")

@@ -95,7 +95,10 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     from pycocotools import mask as coco_mask
 
     counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    coco = {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
     return coco_mask.decode(coco).astype(bool)
 
 

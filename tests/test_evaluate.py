@@ -1,4 +1,4 @@
-"""``evf eval`` / ``evf.evaluate``: IoU of the tiny fixture model over a small synthetic manifest.
+"""``evf eval`` / ``pipelines.evaluate``: IoU of the tiny fixture model over a small synthetic manifest.
 
 The model runs through the real job (Ray, local); per-row IoUs are recomputed here from the written
 mask files and the ground-truth PNGs (read with Pillow, not with the module's OpenCV readers).
@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from evf.cli import main
-from evf.evaluate import EvalError, EvalReport, RowResult, Scores, derive_kind, evaluate, read_ground_truth
+from evf.metrics import EvalReport, RowResult, Scores, derive_kind, evaluate_synthetic
 from evf.synthetic import write_dataset
 from pipelines.commit import read_metadata
+from pipelines.evaluate import EvalError, evaluate, read_ground_truth
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -181,7 +182,6 @@ def test_demo_model_scores_through_the_pipeline(ray_running: Any, tmp_path: Path
     and writing change nothing) and stay at the level the shipped model reaches (docs/training.md).
     """
     from evf.predictor import EvfSam2Predictor
-    from evf.training.evaluate import evaluate_synthetic
 
     count = 6
     manifest = write_dataset(9999, count, str(tmp_path / "data"))
@@ -189,8 +189,8 @@ def test_demo_model_scores_through_the_pipeline(ray_running: Any, tmp_path: Path
     direct = evaluate_synthetic(EvfSam2Predictor.from_pretrained("evf-sam2-demo"), seed=9999, count=count)
     assert report.errors == 0
     for kind, scores in report.by_kind.items():
-        assert scores.rows == direct[kind]["n"]
-        assert scores.miou == pytest.approx(direct[kind]["miou"], abs=0.01), kind
+        assert scores.rows == direct.by_kind[kind].rows
+        assert scores.miou == pytest.approx(direct.by_kind[kind].miou, abs=0.01), kind
     assert report.by_kind["referring"].miou >= DEMO_FLOOR["referring"], report.by_kind
     assert report.by_kind["semantic"].miou >= DEMO_FLOOR["semantic"], report.by_kind
     assert report.by_kind["negative"].miou >= DEMO_FLOOR["negative"], report.by_kind

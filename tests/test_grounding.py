@@ -16,8 +16,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from conftest import GROUNDING_NUM_QUERIES
-from pycocotools import mask as coco_mask
+from conftest import GROUNDING_NUM_QUERIES, rle_to_mask
 
 from evf import EvfSam2Predictor
 from evf.grounding import (
@@ -26,7 +25,6 @@ from evf.grounding import (
     GroundingDetector,
     MissingDetectorError,
     normalize_caption,
-    segment_boxes,
 )
 from evf.model.checkpoint import CheckpointError
 from evf.postprocess import postprocess
@@ -61,10 +59,6 @@ def images() -> list[np.ndarray]:
     first[20:60, 30:90] = (200, 30, 30)
     second = rng.integers(0, 256, (120, 70, 3), dtype=np.uint8)
     return [first, second]
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    return coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -173,12 +167,12 @@ def test_box_mask_equals_sam2_image_predictor(predictor: EvfSam2Predictor) -> No
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     image[200:700, 300:800] = (30, 200, 60)
     boxes = np.array([[290.5, 190.0, 810.0, 705.25], [0, 0, size, size], [600, 50, 640, 90]], np.float32)
-    got = segment_boxes(predictor, predictor.embed_images([image]), [(0, boxes)], return_logits=True)[0]
+    got = predictor.predict_boxes(predictor.embed_images([image]), [(0, boxes)])[0]
     reference = sam2_image_predictor(predictor)
     reference.set_image(image)
     for k, box in enumerate(boxes):
         logits, iou, _ = reference.predict(box=box, multimask_output=False, return_logits=True)
-        np.testing.assert_allclose(got.logits[k], logits[0], atol=1e-3, rtol=0)
+        np.testing.assert_allclose(got.mask_logits[k], logits[0], atol=1e-3, rtol=0)
         confident = np.abs(logits[0]) > 1e-2
         np.testing.assert_array_equal(got.masks[k][confident], logits[0][confident] > 0)
         assert got.scores[k] == pytest.approx(float(iou[0]), abs=1e-4)
@@ -198,7 +192,7 @@ def test_box_masks_batched_equal_sam2_on_the_same_features(
     calls = []
     hook = predictor.model.visual_model.sam_mask_decoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        got = segment_boxes(predictor, embedded, items, return_logits=True)
+        got = predictor.predict_boxes(embedded, items)
     finally:
         hook.remove()
     assert len(calls) == 1  # one decoder call for all boxes of the batch
@@ -215,7 +209,7 @@ def test_box_masks_batched_equal_sam2_on_the_same_features(
         assert result.masks.shape == (len(boxes), *images[image_index].shape[:2])
         for k, box in enumerate(boxes):
             logits, iou, _ = reference.predict(box=box, multimask_output=False, return_logits=True)
-            np.testing.assert_allclose(result.logits[k], logits[0], atol=2e-4, rtol=0)
+            np.testing.assert_allclose(result.mask_logits[k], logits[0], atol=2e-4, rtol=0)
             confident = np.abs(logits[0]) > 1e-3
             np.testing.assert_array_equal(result.masks[k][confident], logits[0][confident] > 0)
             assert result.scores[k] == pytest.approx(float(iou[0]), abs=1e-5)
@@ -223,7 +217,7 @@ def test_box_masks_batched_equal_sam2_on_the_same_features(
 
 def test_box_path_runs_with_half_precision_weights(images: list[np.ndarray]) -> None:
     half = EvfSam2Predictor.from_pretrained(EVF_CHECKPOINT, dtype=torch.bfloat16, autocast=False)
-    result = segment_boxes(half, half.embed_images(images[:1]), [(0, np.array([[10, 10, 80, 70]]))])[0]
+    result = half.predict_boxes(half.embed_images(images[:1]), [(0, np.array([[10, 10, 80, 70]]))])[0]
     assert result.masks.shape == (1, 90, 140) and np.isfinite(result.scores).all()
 
 
@@ -238,7 +232,7 @@ def test_segment_union_of_instances(
         image, {"prompt": "red square", "use_grounding_dino": True}, predictor, detector=detector
     )
     found = detector.detect([image], [(0, "red square")])[0]
-    masks = segment_boxes(predictor, predictor.embed_images([image]), [(0, found.boxes)])[0]
+    masks = predictor.predict_boxes(predictor.embed_images([image]), [(0, found.boxes)])[0]
     assert result.instances is not None and len(result.instances) == len(found) == 4
     union = np.zeros(image.shape[:2], bool)
     for instance, box, score, mask, mask_score in zip(
@@ -264,7 +258,7 @@ def test_negative_prompt_boxes_are_subtracted(
     request = {"prompt": "dog", "negative_prompt": "left circle", "use_grounding_dino": True}
     result = segment(image, request, predictor, detector=detector)
     found = detector.detect([image], [(0, "dog"), (0, "left circle")])
-    pos, neg = segment_boxes(predictor, predictor.embed_images([image]), [(0, d.boxes) for d in found])
+    pos, neg = predictor.predict_boxes(predictor.embed_images([image]), [(0, d.boxes) for d in found])
     expected = pos.masks.any(0) & ~neg.masks.any(0)
     np.testing.assert_array_equal(result.mask > 0, expected)
     assert len(result.instances) == len(found[0])  # instances are the prompt's boxes only

@@ -25,14 +25,11 @@ from evf.io import (
     ImageWriteError,
     decode_image,
     encode_png,
-    join_uri,
     load_image,
-    open_filesystem,
     read_bytes,
-    redact,
-    storage_options_for,
     write_bytes,
 )
+from evf.storage import join_uri, open_filesystem, redact, storage_options_for
 
 if TYPE_CHECKING:
     from conftest import ImageCase, S3Server

@@ -28,11 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text_png, make_truncated_png, rle_to_mask
 
+from evf.config import ConfigError
 from evf.io import decode_image, read_bytes
 from evf.synthetic import write_dataset
 from pipelines.commit import read_metadata
-from pipelines.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipelines.segment_job import JobSummary, run_job
+from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST_ID, load_config
+from pipelines.job import run_job
+from pipelines.summary import JobSummary
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -237,24 +239,26 @@ def _wait_until_stable(output: Path, quiet: float = 2.0, limit: float = 30.0) ->
 
 
 def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixture_dir):
-    """``evf run configs/local.yaml`` (the README command) with the tiny model instead of the demo one."""
+    """``evf run`` (the README's job: the embedded configs/local.yaml) with the tiny model instead of
+    the demo one, from an empty directory outside the checkout: the installed package finds its
+    default config and the sample manifest wherever it runs."""
     from evf.cli import main
     from evf.predictor import EvfSam2Predictor
     from evf.segment import segment
 
     config = load_config(DEFAULT_CONFIG)
-    assert Path(config.manifest) == Path("examples/sample/manifest.parquet")
+    assert config.manifest == SAMPLE_MANIFEST_ID and Path(config.resolved().manifest) == SAMPLE
     assert config.model == "evf-sam2-demo" and config.inference.num_gpus == 0 and config.ray.address is None
 
     output = tmp_path / "out"
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
     cwd = os.getcwd()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    os.chdir(REPO)  # the README runs from the repository root (relative paths in the config)
+    os.chdir(elsewhere)
     try:
-        code = main(
-            ["run", "configs/local.yaml", "--model", str(TINY), "--output", str(output), "--no-progress"]
-        )
+        code = main(["run", "--model", str(TINY), "--output", str(output), "--no-progress"])
     finally:
         os.chdir(cwd)
         for handler in root.handlers[:]:  # main() configured logging onto pytest's capture stream

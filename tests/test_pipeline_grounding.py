@@ -11,7 +11,6 @@ checked in-process on the stage classes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,14 @@ import pytest
 from conftest import rle_to_mask
 from test_pipeline_e2e import check_outputs
 
+from evf.manifest import scan_manifest
 from evf.postprocess import postprocess
+from evf.predictor import describe_checkpoint
 from evf.request import parse_request
+from evf.storage import Storage
 from pipelines.commit import (
     METADATA_SCHEMA,
+    JobOutput,
     OutputLayout,
     load_committed,
     metadata_table,
@@ -34,16 +37,12 @@ from pipelines.commit import (
     write_metadata,
 )
 from pipelines.config import DEFAULT_CONFIG, load_config
-from pipelines.manifest import grounding_id, record_from_row, scan_manifest
-from pipelines.segment_job import JobSummary, run_job
-from pipelines.stages import (
-    InferenceSettings,
-    InferenceStage,
-    Storage,
-    decode_batch,
-    probe_model,
-    read_records,
-)
+from pipelines.decode import DecodeSettings, decode_batch
+from pipelines.infer import InferenceSettings, InferenceStage
+from pipelines.job import run_job
+from pipelines.read import ReadSettings, grounding_id, parse_row, read_task
+from pipelines.rows import JobRow, units_from_table
+from pipelines.summary import JobSummary
 
 pytest.importorskip("transformers")
 
@@ -186,7 +185,9 @@ def check_rows(
             assert got["rle"]["size"] == [row["height"], row["width"]]
             instance_mask = rle_to_mask(got["rle"]).astype(bool)
             assert instance_mask.shape == images[name].shape[:2]
-            np.testing.assert_array_equal(instance_mask, rle_to_mask(want["rle"]).astype(bool), err_msg=row_id)
+            np.testing.assert_array_equal(
+                instance_mask, rle_to_mask(want["rle"]).astype(bool), err_msg=row_id
+            )
             union |= instance_mask
         scores = [i["detector_score"] for i in instances]
         assert scores == sorted(scores, reverse=True), row_id  # highest detector score first
@@ -266,19 +267,20 @@ def test_rows_without_any_box_are_empty(ray_session, tmp_path, dataset, groundin
 
 
 @pytest.fixture(scope="module")
-def model_info():
-    return probe_model(str(TINY), None, Storage())
+def checkpoint():
+    return describe_checkpoint(str(TINY))
 
 
-def _units(manifest: Path, model_info, ids: set[str]) -> pa.Table:
+def _units(manifest: Path, checkpoint, ids: set[str]) -> pa.Table:
     file = scan_manifest(str(manifest)).files[0]
-    records = read_records(file, 0, file.num_rows, storage=Storage(), defaults={}, model_id="m")
-    keep = [i for i, text in enumerate(records.column("record").to_pylist()) if json.loads(text)["id"] in ids]
-    return decode_batch(records.take(keep), model=model_info, storage=Storage())
+    output = JobOutput(OutputLayout(str(manifest.parent / "out")), Storage(), "m", "run-1")
+    rows = read_task(file, 0, file.num_rows, ReadSettings(output))
+    keep = [i for i, row_id in enumerate(rows.column("id").to_pylist()) if row_id in ids]
+    return decode_batch(rows.take(keep), settings=DecodeSettings(output, checkpoint.preprocessor))
 
 
-def _records(table: pa.Table) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for text in table.column("unit").to_pylist() for r in json.loads(text)["records"]}
+def _rows(table: pa.Table) -> dict[str, JobRow]:
+    return {row.id: row for unit in units_from_table(table) for row in unit.rows}
 
 
 @pytest.fixture
@@ -297,54 +299,57 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
     return calls
 
 
-def test_actor_loads_the_detector_once_and_only_when_needed(dataset, model_info, grounding_dino_dir, loads):
+def test_actor_loads_the_detector_once_and_only_when_needed(dataset, checkpoint, grounding_dino_dir, loads):
     manifest, _ = dataset
     settings = InferenceSettings(
         model=str(TINY),
+        storage=Storage(),
         torch_threads=1,
         grounding_model=str(grounding_dino_dir),
         box_threshold=0.0,
         text_threshold=0.4,
     )
-    actor = InferenceStage(settings, Storage())
-    evf_only = _records(actor(_units(manifest, model_info, {"e1", "e2", "e3"})))
+    actor = InferenceStage(settings)
+    evf_only = _rows(actor(_units(manifest, checkpoint, {"e1", "e2", "e3"})))
     assert loads == [] and actor._detector is None, "EVF batches never load the detector"
-    assert all(r["status"] == "" and "instances" not in r for r in evf_only.values())
+    assert all(r.error is None and r.instances is None for r in evf_only.values())
 
-    first = _records(actor(_units(manifest, model_info, {"e1", "g1", "g2"})))
+    first = _rows(actor(_units(manifest, checkpoint, {"e1", "g1", "g2"})))
     assert len(loads) == 1
     path, kwargs = loads[0]
     assert path == str(grounding_dino_dir)
     assert (kwargs["box_threshold"], kwargs["text_threshold"]) == (0.0, 0.4)  # the job's thresholds
     assert (actor._detector.box_threshold, actor._detector.text_threshold) == (0.0, 0.4)
-    assert "instances" not in first["e1"]
-    assert all(first[i]["status"] == "" and len(first[i]["instances"]) > 0 for i in ("g1", "g2"))
+    assert first["e1"].instances is None
+    assert all(first[i].error is None and len(first[i].instances) > 0 for i in ("g1", "g2"))
 
-    second = _records(actor(_units(manifest, model_info, {"g3", "g4", "e3"})))
+    second = _rows(actor(_units(manifest, checkpoint, {"g3", "g4", "e3"})))
     assert len(loads) == 1, "loaded once per actor"
-    assert all(len(second[i]["instances"]) > 0 for i in ("g3", "g4"))
+    assert all(len(second[i].instances) > 0 for i in ("g3", "g4"))
 
 
-def test_grounding_rows_without_a_model_are_error_rows(dataset, model_info, tmp_path, loads):
+def test_grounding_rows_without_a_model_are_error_rows(dataset, checkpoint, tmp_path, loads):
     manifest, _ = dataset
-    actor = InferenceStage(InferenceSettings(model=str(TINY), torch_threads=1), Storage())
-    out = _records(actor(_units(manifest, model_info, {"e1", "g1", "g2", "e2"})))
+    actor = InferenceStage(InferenceSettings(model=str(TINY), storage=Storage(), torch_threads=1))
+    out = _rows(actor(_units(manifest, checkpoint, {"e1", "g1", "g2", "e2"})))
     assert loads == []
     for row_id in ("g1", "g2"):
-        assert out[row_id]["status"] == "error"
-        assert "grounding.model" in out[row_id]["error"] and "--grounding-model" in out[row_id]["error"]
-    assert out["e1"]["status"] == out["e2"]["status"] == "" and "mask_index" in out["e1"]
+        assert out[row_id].mask_index is None
+        assert "grounding.model" in out[row_id].error and "--grounding-model" in out[row_id].error
+    assert out["e1"].error is None and out["e2"].error is None and out["e1"].mask_index is not None
 
     # A model that cannot be loaded: its rows are errors saying so; the load is not retried per batch.
-    missing = InferenceSettings(model=str(TINY), torch_threads=1, grounding_model=str(tmp_path / "absent"))
-    actor = InferenceStage(missing, Storage())
+    missing = InferenceSettings(
+        model=str(TINY), storage=Storage(), torch_threads=1, grounding_model=str(tmp_path / "absent")
+    )
+    actor = InferenceStage(missing)
     for ids in ({"g1", "e1"}, {"g3"}):
-        out = _records(actor(_units(manifest, model_info, ids)))
+        out = _rows(actor(_units(manifest, checkpoint, ids)))
         for row_id in ids - {"e1"}:
-            assert out[row_id]["status"] == "error"
-            assert "GroundingDINO model could not be loaded" in out[row_id]["error"]
+            assert out[row_id].mask_index is None
+            assert "GroundingDINO model could not be loaded" in out[row_id].error
     assert len(loads) == 1
-    assert out.get("e1") is None or out["e1"]["status"] == ""
+    assert out.get("e1") is None or out["e1"].error is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,7 +365,7 @@ def test_grounding_settings_are_part_of_grounding_rows_keys(dataset):
     }
 
     def key(row_id: str, grounding: str | None) -> str:
-        return record_from_row(rows[row_id], file=file, defaults={}, model_id="m", grounding=grounding)["key"]
+        return parse_row(rows[row_id], file=file, defaults={}, model_id="m", grounding=grounding).key
 
     setups = [
         grounding_id(None, 0.35, 0.25),

@@ -1,4 +1,4 @@
-"""The job's pieces without Ray: config, manifest rows -> records, stages called in-process."""
+"""The job's pieces without Ray: config, manifest rows -> typed rows, stages called in-process."""
 
 from __future__ import annotations
 
@@ -11,27 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from evf.config import ConfigError
 from evf.io import encode_png
-from pipelines.commit import METADATA_SCHEMA, OutputLayout, load_committed, read_metadata
-from pipelines.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipelines.manifest import (
-    ManifestError,
-    record_from_row,
-    request_key,
-    resolve_image_url,
-    scan_manifest,
-)
-from pipelines.stages import (
-    RECORD_SCHEMA,
-    FinishSettings,
-    FinishStage,
-    InferenceSettings,
-    InferenceStage,
-    Storage,
-    decode_batch,
-    probe_model,
-    read_records,
-)
+from evf.manifest import ManifestError, resolve_url, scan_manifest
+from evf.predictor import describe_checkpoint
+from evf.storage import Storage
+from pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, load_committed, read_metadata
+from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
+from pipelines.decode import DecodeSettings, decode_batch
+from pipelines.finish import FinishSettings, finish_batch
+from pipelines.infer import InferenceSettings, InferenceStage
+from pipelines.read import InvalidRow, ReadSettings, parse_row, read_task, request_key
+from pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -56,7 +47,8 @@ def test_shipped_configs_are_valid(name):
 def test_embedded_default_is_local_cpu_demo():
     config = load_config()
     assert config.model == "evf-sam2-demo"
-    assert config.manifest == "examples/sample/manifest.parquet"
+    assert config.manifest == SAMPLE_MANIFEST_ID
+    assert config.resolved().manifest == str(SAMPLE_MANIFEST) and SAMPLE_MANIFEST.exists()
     assert DEFAULT_CONFIG.exists()
     # The actor pool never reserves every CPU of a 2-core machine.
     assert config.inference.actors * config.inference.num_cpus + config.cpu.num_cpus <= 2
@@ -154,65 +146,53 @@ def test_scan_rejects_unusable_manifests(tmp_path):
 
 
 def test_relative_image_urls_resolve_against_the_manifest_folder():
-    assert resolve_image_url("images/a.png", "/data/set") == "/data/set/images/a.png"
-    assert resolve_image_url("images/a.png", "s3://bucket/set") == "s3://bucket/set/images/a.png"
-    assert resolve_image_url("/abs/a.png", "s3://bucket/set") == "/abs/a.png"
-    assert resolve_image_url("s3://other/a.png", "/data") == "s3://other/a.png"
-    assert resolve_image_url("data:image/png;base64,xx", "/data") == "data:image/png;base64,xx"
+    assert resolve_url("images/a.png", "/data/set") == "/data/set/images/a.png"
+    assert resolve_url("images/a.png", "s3://bucket/set") == "s3://bucket/set/images/a.png"
+    assert resolve_url("/abs/a.png", "s3://bucket/set") == "/abs/a.png"
+    assert resolve_url("s3://other/a.png", "/data") == "s3://other/a.png"
+    assert resolve_url("data:image/png;base64,xx", "/data") == "data:image/png;base64,xx"
 
 
-def test_records_from_rows(tmp_path):
+def test_rows_are_validated_once_at_read(tmp_path):
     _write(tmp_path / "m.parquet", [{"image_url": "a.png", "prompt": "x"}])
     file = scan_manifest(str(tmp_path / "m.parquet")).files[0]
     defaults = {"mask_only": False, "expand_mask": 1}
 
-    def record(**row):
-        return record_from_row({"_row": 7, **row}, file=file, defaults=defaults, model_id="m")
+    def parse(model_id="m", **row):
+        return parse_row({"_row": 7, **row}, file=file, defaults=defaults, model_id=model_id)
 
-    ok = record(image_url="a.png", prompt="the cat", blur_mask=5.0, fill_holes=None, expand_mask=float("nan"))
-    assert ok["status"] == "" and ok["error"] is None and ok["id"] == "m.parquet:7"
-    assert ok["image_url"] == str(tmp_path / "a.png")
-    request = ok["request"]
-    assert request["blur_mask"] == 5 and request["fill_holes"] is False  # 5.0 -> 5; null -> default
-    assert request["mask_only"] is False and request["expand_mask"] == 1  # job defaults
-    assert record(id="x", image_url="a.png", prompt="the cat", blur_mask=5)["key"] == ok["key"]
-    assert record(image_url="a.png", prompt="the cat", blur_mask=7)["key"] != ok["key"]
-    assert (
-        ok["key"]
-        != record_from_row(
-            {"_row": 7, "image_url": "a.png", "prompt": "the cat", "blur_mask": 5},
-            file=file,
-            defaults=defaults,
-            model_id="other",
-        )["key"]
-    )
-    assert len(ok["key"]) == 32 and int(ok["key"], 16) >= 0
-    options = {k: v for k, v in request.items() if k not in ("prompt", "image_url")}
-    assert ok["key"] == request_key(ok["image_url"], "the cat", options, "m")
+    ok = parse(image_url="a.png", prompt="the cat", blur_mask=5.0, fill_holes=None, expand_mask=float("nan"))
+    assert isinstance(ok, JobRow) and ok.error is None and ok.id == "m.parquet:7"
+    assert ok.image_url == str(tmp_path / "a.png")
+    request = ok.request
+    assert request.blur_mask == 5 and request.fill_holes is False  # 5.0 -> 5; null -> default
+    assert request.mask_only is False and request.expand_mask == 1  # job defaults
+    assert parse(id="x", image_url="a.png", prompt="the cat", blur_mask=5).key == ok.key
+    assert parse(image_url="a.png", prompt="the cat", blur_mask=7).key != ok.key
+    assert parse("other", image_url="a.png", prompt="the cat", blur_mask=5).key != ok.key
+    assert len(ok.key) == 32 and int(ok.key, 16) >= 0
+    assert ok.key == request_key(ok.image_url, "the cat", request.options(), "m")
 
-    bad = record(image_url="a.png", prompt="", blur_mask=4, expand_mask=99)
-    assert bad["status"] == "error" and bad["request"] is None
-    assert "prompt" in bad["error"] and "blur_mask=4" in bad["error"] and "expand_mask=99" in bad["error"]
-    assert "image_url" in record(image_url=None, prompt="x")["error"]
-    assert "semantic_type" in record(image_url="a.png", prompt="x", semantic_type="yes")["error"]
+    bad = parse(image_url="a.png", prompt="", blur_mask=4, expand_mask=99)
+    assert isinstance(bad, InvalidRow)
+    assert "prompt" in bad.error and "blur_mask=4" in bad.error and "expand_mask=99" in bad.error
+    assert "image_url" in parse(image_url=None, prompt="x").error
+    assert "semantic_type" in parse(image_url="a.png", prompt="x", semantic_type="yes").error
 
-    committed = {"m.parquet:7": ok["key"], "other": "k"}
-    again = record_from_row(
-        {"_row": 7, "image_url": "a.png", "prompt": "the cat", "blur_mask": 5},
-        file=file,
-        defaults=defaults,
-        model_id="m",
-        committed=committed,
-    )
-    assert again["status"] == "skip" and again["stale"] is False
-    changed = record_from_row(
-        {"_row": 7, "image_url": "a.png", "prompt": "the dog"},
-        file=file,
-        defaults=defaults,
-        model_id="m",
-        committed=committed,
-    )
-    assert changed["status"] == "skip" and changed["stale"] is True
+
+def test_read_drops_committed_rows(tmp_path):
+    rows = [
+        {"id": "same", "image_url": "a.png", "prompt": "the cat", "blur_mask": 5},
+        {"id": "changed", "image_url": "a.png", "prompt": "the dog"},
+        {"id": "new", "image_url": "a.png", "prompt": "the bird"},
+    ]
+    file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
+    first = read_task(file, 0, 3, ReadSettings(_output(tmp_path)))
+    keys = dict(zip(first.column("id").to_pylist(), first.column("key").to_pylist(), strict=True))
+    committed = {"same": keys["same"], "changed": "an-older-key"}
+    again = read_task(file, 0, 3, ReadSettings(_output(tmp_path), committed=committed))
+    # Committed rows leave at read, changed (stale) or not; the e2e resume test counts the stale one.
+    assert again.schema == ROW_SCHEMA and again.column("id").to_pylist() == ["new"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,30 +200,34 @@ def test_records_from_rows(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def _output(folder: Path) -> JobOutput:
+    return JobOutput(OutputLayout(str(folder / "out")), Storage(), "m", "run-1")
+
+
 @pytest.fixture(scope="module")
-def model_info():
-    return probe_model(str(TINY), None, Storage())
+def checkpoint():
+    return describe_checkpoint(str(TINY))
 
 
-def test_probe_matches_the_predictor(model_info, fixture_dir):
+def test_checkpoint_description_matches_the_predictor(checkpoint, fixture_dir):
     from evf.io import load_image
     from evf.predictor import EvfSam2Predictor
 
     predictor = EvfSam2Predictor.from_pretrained(TINY)
-    assert (model_info.mode, model_info.sam_image_size, model_info.beit3_image_size) == (
+    assert (checkpoint.mode, checkpoint.preprocessor.sam_size, checkpoint.preprocessor.beit3_size) == (
         predictor.mode,
         predictor.model.sam_image_size,
         predictor.model.beit3_image_size,
     )
-    assert model_info.is_demo_model is False and model_info.supports_semantic == predictor.supports_semantic
+    assert checkpoint.is_demo_model is False and checkpoint.supports_semantic == predictor.supports_semantic
     image = load_image(str(fixture_dir / "images" / "portrait_97x173.png"))
-    sam, beit3 = model_info.prepare(image)
-    expected = predictor.prepare_image(image)
-    assert torch.equal(sam, expected.sam_pixels) and torch.equal(beit3, expected.beit3_pixels)
-    legacy = probe_model(str(TINY), "legacy", Storage())
+    prepared, expected = checkpoint.preprocessor(image), predictor.prepare_image(image)
+    assert torch.equal(prepared.sam_pixels, expected.sam_pixels)
+    assert torch.equal(prepared.beit3_pixels, expected.beit3_pixels)
+    legacy = describe_checkpoint(str(TINY), "legacy")
     assert legacy.mode == "legacy"
     assert torch.equal(
-        legacy.prepare(image)[0],
+        legacy.preprocessor(image).sam_pixels,
         EvfSam2Predictor.from_pretrained(TINY, mode="legacy").prepare_image(image).sam_pixels,
     )
 
@@ -258,7 +242,7 @@ def _image_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def test_decode_stage_reads_each_image_once_per_batch(tmp_path, model_info, monkeypatch):
+def test_decode_stage_reads_each_image_once_per_batch(tmp_path, checkpoint, monkeypatch):
     _image_dir(tmp_path)
     rows = [
         {"id": "1", "image_url": "images/a.png", "prompt": "the red circle"},
@@ -268,36 +252,32 @@ def test_decode_stage_reads_each_image_once_per_batch(tmp_path, model_info, monk
         {"id": "5", "image_url": "images/a.png", "prompt": ""},
         {"id": "6", "image_url": "images/a.png", "prompt": "done already"},
     ]
-    path = _write(tmp_path / "m.parquet", rows)
-    file = scan_manifest(str(path)).files[0]
-    storage = Storage()
-    records = read_records(file, 0, 6, storage=storage, defaults={}, model_id="m", committed={"6": "k"})
-    assert records.schema == RECORD_SCHEMA and records.num_rows == 6
+    file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
+    output = _output(tmp_path)
+    to_do = read_task(file, 0, 6, ReadSettings(output, committed={"6": "k"}))
+    # The invalid row is committed at read and the committed one dropped: neither goes further.
+    assert to_do.schema == ROW_SCHEMA and to_do.column("id").to_pylist() == ["1", "2", "3", "4"]
 
     reads = []
-    import pipelines.stages as stages
+    import pipelines.decode as decode
 
-    real_read = stages.read_bytes
+    real_read = decode.read_bytes
     monkeypatch.setattr(
-        stages, "read_bytes", lambda url, opts=None: reads.append(url) or real_read(url, opts)
+        decode, "read_bytes", lambda url, opts=None: reads.append(url) or real_read(url, opts)
     )
-    units = decode_batch(records, model=model_info, storage=storage)
+    units = units_from_table(decode_batch(to_do, settings=DecodeSettings(output, checkpoint.preprocessor)))
     assert sorted(reads) == sorted(str(tmp_path / "images" / n) for n in ("a.png", "b.png", "text.png"))
-    decoded = [json.loads(u) for u in units.column("unit").to_pylist()]
-    by_image = {frozenset(r["id"] for r in u["records"]): u for u in decoded}
-    assert set(by_image) == {frozenset("13"), frozenset("2"), frozenset("456")}
-    passthrough = by_image[frozenset("456")]
-    statuses = {r["id"]: (r["status"], r["error"]) for r in passthrough["records"]}
-    assert statuses["4"][0] == "error" and "not an image" in statuses["4"][1]
-    assert statuses["5"][0] == "error" and "prompt" in statuses["5"][1]
-    assert statuses["6"] == ("skip", None)
-    images = units.column("image").to_pylist()
-    index = [frozenset(r["id"] for r in u["records"]) for u in decoded]
-    assert images[index.index(frozenset("13"))] is None  # masks only: the image is not carried
-    assert len(images[index.index(frozenset("2"))]) == 50 * 30 * 3  # RGBA output needs it
+    by_image = {frozenset(r.id for r in u.rows): u for u in units}
+    assert set(by_image) == {frozenset("13"), frozenset("2")}
+    committed = {r["id"]: (r["status"], r["error"]) for r in read_metadata(output.layout.root).to_pylist()}
+    assert set(committed) == {"4", "5"}
+    assert committed["4"][0] == "error" and "not an image" in committed["4"][1]
+    assert committed["5"][0] == "error" and "prompt" in committed["5"][1]
+    assert by_image[frozenset("13")].image is None  # masks only: the image is not carried
+    assert len(by_image[frozenset("2")].image) == 50 * 30 * 3  # RGBA output needs it
 
 
-def test_inference_and_finish_stages(tmp_path, model_info):
+def test_inference_and_finish_stages(tmp_path, checkpoint):
     """One batch through the actor class and the finish step, in-process; a failing row is isolated."""
     _image_dir(tmp_path)
     rows = [
@@ -307,13 +287,10 @@ def test_inference_and_finish_stages(tmp_path, model_info):
         {"id": "4", "image_url": "images/a.png", "prompt": "the blue square", "revert_mask": True},
     ]
     file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
-    storage = Storage()
-    units = decode_batch(
-        read_records(file, 0, 4, storage=storage, defaults={}, model_id="m"),
-        model=model_info,
-        storage=storage,
-    )
-    actor = InferenceStage(InferenceSettings(model=str(TINY), torch_threads=1), storage)
+    output = _output(tmp_path)
+    to_do = read_task(file, 0, 4, ReadSettings(output))
+    units = decode_batch(to_do, settings=DecodeSettings(output, checkpoint.preprocessor))
+    actor = InferenceStage(InferenceSettings(model=str(TINY), storage=Storage(), torch_threads=1))
     inferred = actor(units)
     assert inferred.column("sam").null_count == inferred.num_rows  # model inputs dropped after use
 
@@ -326,29 +303,26 @@ def test_inference_and_finish_stages(tmp_path, model_info):
         return real(images, arrays, items)
 
     actor._infer = flaky
-    flaky_out = actor(units)
-    out_records = {r["id"]: r for u in flaky_out.column("unit").to_pylist() for r in json.loads(u)["records"]}
-    assert out_records["1"]["status"] == "error" and "simulated model failure" in out_records["1"]["error"]
-    assert out_records["4"]["status"] == "" and "mask_index" in out_records["4"]
+    out_rows = {r.id: r for u in units_from_table(actor(units)) for r in u.rows}
+    assert "simulated model failure" in out_rows["1"].error
+    assert out_rows["4"].error is None and out_rows["4"].mask_index is not None
 
-    output = tmp_path / "out"
-    finish = FinishStage(FinishSettings(str(output), "m", "run-1"), storage)
-    result = finish(inferred)
+    result = finish_batch(inferred, settings=FinishSettings(output))
     statuses = dict(zip(result.column("id").to_pylist(), result.column("status").to_pylist(), strict=True))
     assert statuses["3"] == "error" and statuses["1"] in ("ok", "empty") and statuses["2"] in ("ok", "empty")
-    metadata = read_metadata(str(output))
+    metadata = read_metadata(output.layout.root)
     assert metadata.schema == METADATA_SCHEMA and metadata.num_rows == 4
     rows_out = {r["id"]: r for r in metadata.to_pylist()}
     assert "GroundingDINO" in rows_out["3"]["error"] and rows_out["3"]["mask_url"] is None
     assert rows_out["1"]["negative_prompt"] == "the star" and rows_out["4"]["revert_mask"] is True
     assert Path(rows_out["2"]["mask_url"]).exists() and rows_out["2"]["width"] == 30
-    files = list((output / "metadata").iterdir())
+    files = list(Path(output.layout.metadata).iterdir())
     assert len(files) == 1 and files[0].name.startswith("part-")
 
     # A retried batch rewrites the same commit file: no second row per id.
-    finish(inferred)
-    assert [p.name for p in (output / "metadata").iterdir()] == [files[0].name]
-    committed = load_committed(OutputLayout(str(output)))
+    finish_batch(inferred, settings=FinishSettings(output))
+    assert [p.name for p in Path(output.layout.metadata).iterdir()] == [files[0].name]
+    committed = load_committed(output.layout)
     assert set(committed.keys) == {"1", "2", "3", "4"} and committed.duplicate_rows == 0
 
 
@@ -388,7 +362,7 @@ def _checkpoint_without_semantic(tmp_path: Path) -> Path:
 def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
     tmp_path, caplog, semantic_rows, warned
 ):
-    from pipelines.segment_job import _warn_if_semantic_unsupported
+    from pipelines.job import warn_if_semantic_unsupported
 
     manifest_path = tmp_path / "m.parquet"
     pq.write_table(
@@ -397,8 +371,8 @@ def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
     )
     checkpoint = _checkpoint_without_semantic(tmp_path)
     config = load_config(overrides={"manifest": str(manifest_path), "model": str(checkpoint)})
-    info = probe_model(str(checkpoint), None, Storage())
+    info = describe_checkpoint(str(checkpoint))
     assert not info.supports_semantic and info.mode == "legacy"
     with caplog.at_level("WARNING"):
-        _warn_if_semantic_unsupported(config, scan_manifest(str(manifest_path)), info, Storage())
+        warn_if_semantic_unsupported(config, scan_manifest(str(manifest_path)), info, Storage())
     assert sum("[semantic]" in r.getMessage() for r in caplog.records) == (1 if warned else 0)

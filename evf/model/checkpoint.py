@@ -139,7 +139,7 @@ def _require_files(folder: Path, name: str, layout: CheckpointLayout = EVF_LAYOU
 def _fetch_to_cache(
     uri: str, storage_options: dict[str, Any], cache_dir: Path, layout: CheckpointLayout = EVF_LAYOUT
 ) -> Path:
-    from evf.io import storage_options_for  # local import: io pulls in Pillow, not needed otherwise
+    from evf.storage import storage_options_for  # local import: io pulls in Pillow, not needed otherwise
 
     key = uri.rstrip("/") if layout is EVF_LAYOUT else f"{layout.kind}:{uri.rstrip('/')}"
     target = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:20]

@@ -161,8 +161,8 @@ class ManifestImages:
     COLUMNS = ("image_url", "prompt", "mask_url", "negative_prompt", "semantic_type")
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        from evf.io import Storage
         from evf.manifest import read_rows, resolve_url, scan_manifest
+        from evf.storage import Storage
 
         self.storage = Storage.from_environment(storage_options)
         self.images: list[str] = []
