@@ -67,8 +67,8 @@ def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _outline(canvas: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int]) -> None:
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, (0, 0, 0), 3, lineType=cv2.LINE_AA)
-    cv2.drawContours(canvas, contours, -1, rgb, 1, lineType=cv2.LINE_AA)
+    cv2.drawContours(canvas, contours, -1, (0, 0, 0), 3, lineType=cv2.LINE_8)
+    cv2.drawContours(canvas, contours, -1, rgb, 1, lineType=cv2.LINE_8)
 
 
 def thumbnail(
