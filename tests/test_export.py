@@ -216,3 +216,24 @@ def test_labelstudio_image_urls_under_a_served_root(finished_job):
         str(finished_job.output), image_root=root, image_base_url="/data/local-files/?d=data/"
     )
     assert all(task["data"]["image"].startswith("/data/local-files/?d=data/images/") for task in tasks)
+
+
+def test_exports_read_and_write_object_storage(finished_job, s3_bucket):
+    """The same export from a copy of the output in S3 (moto), written back to S3."""
+    import fsspec
+
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(finished_job.output / "metadata"), f"{bucket}/job/metadata", recursive=True)
+    output = f"s3://{bucket}/job"
+    local = export_coco(str(finished_job.output), categories=finished_job.categories)
+    remote = write_coco(
+        f"{output}/coco.json", output, categories=finished_job.categories, storage_options=options
+    )
+    stored = json.loads(fs.cat_file(f"{bucket}/job/coco.json"))
+    for coco in (remote, stored):
+        assert {k: coco[k] for k in ("images", "annotations", "categories")} == {
+            k: local[k] for k in ("images", "annotations", "categories")
+        }
+    tasks = write_labelstudio(f"{output}/tasks.json", output, storage_options=options)
+    assert json.loads(fs.cat_file(f"{bucket}/job/tasks.json")) == tasks and tasks

@@ -188,3 +188,25 @@ def test_thumbnail_draws_the_mask_and_the_ground_truth():
 )
 def test_error_kind(message: str, kind: str) -> None:
     assert error_kind(message) == kind
+
+
+def test_review_page_written_to_object_storage(finished_job, s3_bucket):
+    """An output in S3 (moto): the page, its rows and thumbnails are written beside it."""
+    import json
+
+    import fsspec
+
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(finished_job.output / "metadata"), f"{bucket}/job/metadata", recursive=True)
+    page = write_review(f"s3://{bucket}/job", storage_options=options, threads=2)
+    assert page == f"s3://{bucket}/job/review.html"
+    assert b'src="review_files/rows.js"' in fs.cat_file(f"{bucket}/job/review.html")
+    script = fs.cat_file(f"{bucket}/job/review_files/rows.js").decode()
+    data = json.loads(script.removeprefix("window.EVF_REVIEW = ").rstrip().rstrip(";"))
+    thumbs = {row[data["columns"].index("thumb")] for row in data["rows"]} - {None}
+    rows = read_metadata(str(finished_job.output)).to_pylist()
+    assert len(thumbs) == sum(readable(row["image_url"]) for row in rows)
+    for name in thumbs:
+        with Image.open(fs.open(f"{bucket}/job/review_files/{name}")) as thumb:
+            assert thumb.format == "JPEG" and min(thumb.size) > 0
