@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -52,6 +53,8 @@ def image_location(url: str, image_root: str | None = None, base_url: str | None
     """
     if image_root is None:
         return url
+    if "://" not in image_root:
+        image_root = os.path.abspath(image_root)  # the job records local images by absolute path
     root = image_root.rstrip("/") + "/"
     if not url.startswith(root):
         raise ValueError(f"image {url!r} is not under image_root {image_root!r}")
