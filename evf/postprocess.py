@@ -28,6 +28,7 @@ The result is a byte mask, binary (0/255) unless blur is on.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import cv2
@@ -39,6 +40,8 @@ __all__ = [
     "binarize",
     "blur",
     "compose_rgba",
+    "decode_rle",
+    "pycoco_rle",
     "disk",
     "encode_rle",
     "expand",
@@ -301,6 +304,21 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def pycoco_rle(rle: Mapping[str, Any]) -> dict[str, Any]:
+    """A COCO compressed RLE as :func:`encode_rle` and the metadata store it (``counts`` as str) in
+    the form pycocotools' functions take (``counts`` as bytes)."""
+    counts = rle["counts"]
+    return {
+        "size": [int(v) for v in rle["size"]],
+        "counts": counts.encode() if isinstance(counts, str) else counts,
+    }
+
+
+def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
+    """A COCO compressed RLE decoded by ``pycocotools.mask.decode``: bool (H, W)."""
+    return coco_mask.decode(pycoco_rle(rle)).astype(bool)
 
 
 def compose_rgba(image: np.ndarray, mask: np.ndarray) -> np.ndarray:

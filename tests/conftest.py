@@ -509,3 +509,8 @@ def image_cases(tmp_path: Path) -> dict[str, ImageCase]:
     directory = tmp_path / "odd"
     directory.mkdir()
     return {name: build(directory / filename) for name, (build, filename) in _BUILDERS.items()}
+
+
+# Finished jobs for the review page and export tests live in finished_jobs.py (imported here so that
+# every test module sees the fixtures).
+from finished_jobs import finished_job, grounded_job  # noqa: E402, F401

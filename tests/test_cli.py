@@ -84,6 +84,12 @@ CASES = {
         ("--count",),
     ),
     "train-bad-recipe": (_bad_recipe, 2, ("invalid training config", "steps")),
+    "review-no-output": (lambda t: ["review", str(t / "nothing")], 2, ("no committed rows",)),
+    "export-no-output": (
+        lambda t: ["export", "coco", str(t / "nothing"), "-o", str(t / "c.json")],
+        2,
+        ("no committed rows",),
+    ),
 }
 
 

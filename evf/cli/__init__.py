@@ -28,6 +28,8 @@ SUBCOMMANDS = {
     "eval": ("evf.cli.eval", "mean IoU / cIoU of a model over a manifest with ground-truth masks"),
     "synth": ("evf.cli.synth", "write a synthetic referring-segmentation dataset with ground truth"),
     "train": ("evf.cli.train", "train or fine-tune an EVF-SAM2 model"),
+    "review": ("evf.cli.review", "write a static HTML review page of a job's output"),
+    "export": ("evf.cli.export", "export a job's masks as COCO or Label Studio tasks"),
 }
 
 # Their DEBUG logs print request headers (the access key id is in the Authorization header):
