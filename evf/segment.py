@@ -313,7 +313,8 @@ def segment(
         detector: GroundingDINO for ``use_grounding_dino`` requests: a ``GroundingDetector``
             (its thresholds apply) or a checkpoint (folder, fsspec URI, or Hub id such as
             ``IDEA-Research/grounding-dino-tiny``), loaded once per process with the default
-            thresholds (box 0.35, text 0.25) on the predictor's device. Not loaded otherwise.
+            thresholds (``evf.grounding.DEFAULT_*_THRESHOLD``) on the predictor's device. Not loaded
+            otherwise.
         storage_options: for ``image_url`` and a ``detector`` URI.
 
     Raises:

@@ -25,6 +25,7 @@ from evf.config import (
     read_yaml_mapping,
     validate_config,
 )
+from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
 from evf.storage import display_url, redact
 
@@ -123,8 +124,8 @@ class GroundingConfig(StrictModel):
     """GroundingDINO for rows with ``use_grounding_dino: true`` (loaded by an actor only when needed)."""
 
     model: str | None = Field(default=None, description="GroundingDINO checkpoint (folder, URI or Hub id).")
-    box_threshold: float = Field(default=0.35, ge=0, le=1)
-    text_threshold: float = Field(default=0.25, ge=0, le=1)
+    box_threshold: float = Field(default=DEFAULT_BOX_THRESHOLD, ge=0, le=1)
+    text_threshold: float = Field(default=DEFAULT_TEXT_THRESHOLD, ge=0, le=1)
 
 
 class JobConfig(StrictModel):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import SegmentRequest
 from evf.storage import Storage
 from evf.transforms import PreparedImage
@@ -37,8 +38,8 @@ class InferenceSettings:
     torch_threads: int | None = None
     compile: bool = False
     grounding_model: str | None = None
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
+    box_threshold: float = DEFAULT_BOX_THRESHOLD
+    text_threshold: float = DEFAULT_TEXT_THRESHOLD
 
 
 class InferenceStage:
