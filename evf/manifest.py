@@ -23,7 +23,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -67,11 +69,12 @@ class ManifestFile:
 
 @dataclass
 class Manifest:
-    """The manifest's files and the ids of all its rows (for resume and the final accounting)."""
+    """The manifest's files and the ids of all its rows (for resume and the final accounting), as
+    one Arrow array: ten million ids cost a few hundred MB, not Python objects per row."""
 
     uri: str
     files: list[ManifestFile]
-    ids: set[str]
+    ids: pa.ChunkedArray
 
     @property
     def num_rows(self) -> int:
@@ -140,19 +143,42 @@ def _file_uri(fs: Any, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def _id_strings(column: pa.ChunkedArray | None, name: str, num_rows: int) -> list[str]:
-    values = column.to_pylist() if column is not None else [None] * num_rows
-    return [row_id(value, name, index) for index, value in enumerate(values)]
+def _id_strings(column: pa.ChunkedArray | None, name: str, num_rows: int) -> pa.Array:
+    """The ids of one file's rows (``row_id``'s rule), computed column-wise for text and integer ids."""
+    positions = pc.cast(pa.array(np.arange(num_rows, dtype=np.int64)), pa.string())
+    derived = pc.binary_join_element_wise(pa.scalar(derived_id_prefix(name)), positions, "")
+    if column is None:
+        return derived
+    values = column.combine_chunks()
+    if (
+        pa.types.is_string(values.type)
+        or pa.types.is_large_string(values.type)
+        or pa.types.is_integer(values.type)
+    ):
+        try:
+            text = pc.cast(values, pa.string())
+            blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True)
+            return pc.if_else(blank, derived, text)
+        except pa.ArrowInvalid:  # e.g. invalid UTF-8: the row-by-row rule replaces the bad bytes
+            values = pc.cast(values, pa.binary())
+    return pa.array(
+        [row_id(value, name, index) for index, value in enumerate(values.to_pylist())], pa.string()
+    )
+
+
+def derived_id_prefix(name: str) -> str:
+    """The prefix of a file's derived ids: ``"<file name>:"``."""
+    return f"{name}:"
 
 
 def row_id(value: Any, file_name: str, index: int) -> str:
     """The row's id: its ``id`` value as text, or ``"<file name>:<row index>"`` when null or empty."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return f"{file_name}:{index}"
+        return f"{derived_id_prefix(file_name)}{index}"
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text if text.strip() else f"{file_name}:{index}"
+    return text if text.strip() else f"{derived_id_prefix(file_name)}{index}"
 
 
 def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
@@ -163,8 +189,7 @@ def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     """
     fs, entries = _list_files(uri, storage_options)
     files: list[ManifestFile] = []
-    ids: set[str] = set()
-    duplicates: dict[str, int] = {}
+    ids: list[pa.Array] = []
     for path, name in entries:
         shown = display_url(_file_uri(fs, path))
         try:
@@ -186,21 +211,24 @@ def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             raise ManifestError(
                 f"cannot read manifest file {shown!r}: {type(error).__name__}: {error}"
             ) from None
-        file_ids = _id_strings(id_column, name, metadata.num_rows)
-        for value in file_ids:
-            if value in ids:
-                duplicates[value] = duplicates.get(value, 1) + 1
-            ids.add(value)
+        ids.append(_id_strings(id_column, name, metadata.num_rows))
         file_uri = _file_uri(fs, path)
         files.append(ManifestFile(file_uri, name, _parent(file_uri), metadata.num_rows, columns, row_groups))
-    if duplicates:
-        shown = ", ".join(f"{k!r} ({n}x)" for k, n in list(duplicates.items())[:5])
-        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+    all_ids = pa.chunked_array(ids, pa.string())
+    _check_unique(all_ids)
+    return Manifest(uri, files, all_ids)
+
+
+def _check_unique(ids: pa.ChunkedArray) -> None:
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        shown = ", ".join(f"{r['values']!r} ({r['counts']}x)" for r in repeated.slice(0, 5).to_pylist())
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
         raise ManifestError(
-            f"manifest ids must be unique: {len(duplicates)} id(s) appear more than once: {shown}{more}. "
+            f"manifest ids must be unique: {len(repeated)} id(s) appear more than once: {shown}{more}. "
             "Fix the id column, or drop it to derive ids from row positions."
         )
-    return Manifest(uri, files, ids)
 
 
 def read_rows(

@@ -1,16 +1,19 @@
-"""Output layout, metadata (the commit record) and resume.
+"""Output layout and writing the commit record (``pipelines.metadata`` reads it back).
 
 Under the output URI::
 
-    masks/<key>.png            the mask (or the RGBA image when mask_only is false)
-    metadata/part-<hash>.parquet   one file per written batch; one row per manifest row
-    _job.json                  config used, counts and timings of the last run
+    masks/<key>.png                  the mask (or the RGBA image when mask_only is false)
+    metadata/part-<hash>.parquet     one file per committed batch (the commit record)
+    metadata/compact-<hash>.parquet  many part files merged by ``pipelines.compact``
+    _job.json                        config used, counts and timings of the last run
+    runs/<run_id>.json               the same record for every run
 
 A row is *committed* once its metadata row exists. A batch's masks are written first and its
 metadata file after them, in one object (atomic on object stores; temp file + rename locally), so a
-metadata row never points at a missing mask. A re-run lists ``metadata/``, reads the ``id``/``key``
-columns, and never processes (or writes a second row for) a committed id. The file name is a hash of
-the batch's ids: a retried task rewrites the same file instead of adding a second one.
+metadata row never points at a missing mask. The file name is a hash of the batch's ids: a retried
+task rewrites the same file instead of adding a second one. A row committed again (a retried error
+row, or a row a crashed run's orphaned workers committed while the next run redid it) is a second
+row for its id; readers keep the newest (``pipelines.metadata``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -37,13 +40,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "METADATA_SCHEMA",
     "STATUSES",
-    "Committed",
     "JobOutput",
     "OutputLayout",
-    "conform_metadata",
-    "load_committed",
+    "clear_outputs",
     "metadata_table",
-    "read_metadata",
     "write_metadata",
 ]
 
@@ -58,12 +58,15 @@ METADATA_SCHEMA = pa.schema(
         *[(name, OPTION_TYPES[name]) for name in OPTION_NAMES],
         ("status", pa.string()),
         ("error", pa.string()),
+        ("retryable", pa.bool_()),
+        ("reason", pa.string()),
         ("mask_url", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("area", pa.int64()),
         ("bbox", pa.list_(pa.int32(), 4)),
         ("score", pa.float32()),
+        ("presence_logit", pa.float32()),
         ("rle", RLE_TYPE),
         ("instances", pa.list_(INSTANCE_TYPE)),
         ("model_id", pa.string()),
@@ -79,7 +82,9 @@ RLE (``{"size": [H, W], "counts": str}``, pycocotools-decodable); ``score`` the 
 detector score first; ``[]`` when no box passed the threshold; null for EVF rows and errors);
 ``elapsed_ms`` the row's share of the work (shared image read/decode/model calls split between the
 rows that share them); ``run_id`` the run that computed the row. Option columns hold the values used
-(null on rows whose options were invalid)."""
+(null on rows whose options were invalid). ``retryable``: an ``error`` row whose cause was transient
+(storage down, throttled): a re-run retries it. ``reason``: why an ``empty`` row is empty when a bar
+made it so (``min_score``/``min_area``). ``presence_logit``: SAM 2's object-presence logit."""
 
 
 @dataclass(frozen=True)
@@ -199,90 +204,6 @@ def write_metadata(
     uri = layout.metadata_uri(str(r["id"]) for r in rows)
     write_bytes(uri, buffer.getvalue(), storage_options)
     return uri
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading back what is committed
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Committed:
-    """What ``metadata/`` holds: id -> key, status and the run that committed it, plus the number
-    of duplicate rows found."""
-
-    keys: dict[str, str] = field(default_factory=dict)
-    statuses: dict[str, str] = field(default_factory=dict)
-    run_ids: dict[str, str] = field(default_factory=dict)
-    duplicate_rows: int = 0
-
-    def counts(self, ids: Iterable[str] | None = None, run_id: str | None = None) -> Counter[str]:
-        """Committed rows per status, over ``ids`` (default: all), only those of ``run_id`` if given."""
-        chosen = self.statuses if ids is None else (i for i in ids if i in self.statuses)
-        return Counter(self.statuses[i] for i in chosen if run_id is None or self.run_ids[i] == run_id)
-
-
-def _metadata_files(layout: OutputLayout, storage_options: Mapping[str, Any] | None) -> tuple[Any, list[str]]:
-    fs, path = open_filesystem(layout.metadata, storage_options)
-    if hasattr(fs, "invalidate_cache"):
-        fs.invalidate_cache()
-    if not fs.exists(path):
-        return fs, []
-    names = [
-        p for p in fs.find(path) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_"))
-    ]
-    return fs, sorted(names)
-
-
-def load_committed(layout: OutputLayout, storage_options: Mapping[str, Any] | None = None) -> Committed:
-    """Read the ``id``, ``key`` and ``status`` columns of every metadata file under ``layout``.
-
-    Raises ``OSError`` naming the file when one cannot be read (delete it to redo its rows).
-    """
-    fs, paths = _metadata_files(layout, storage_options)
-    committed = Committed()
-    for path in paths:
-        try:
-            with fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=["id", "key", "status", "run_id"])
-        except Exception as error:
-            raise OSError(
-                f"metadata file {path!r} cannot be read ({type(error).__name__}: {error}); "
-                "delete it to recompute its rows"
-            ) from None
-        for row_id, key, status, run_id in zip(*(table.column(i).to_pylist() for i in range(4)), strict=True):
-            if row_id in committed.keys:
-                committed.duplicate_rows += 1
-            committed.keys[row_id] = key
-            committed.statuses[row_id] = status
-            committed.run_ids[row_id] = run_id
-    return committed
-
-
-def conform_metadata(table: pa.Table) -> pa.Table:
-    """``table`` in ``METADATA_SCHEMA``: columns in order, missing ones (files written before a column
-    was added, e.g. ``instances``) as nulls, columns unknown to the schema dropped."""
-    if table.schema.equals(METADATA_SCHEMA):
-        return table
-    names = set(table.column_names)
-    columns = [
-        table.column(f.name).cast(f.type) if f.name in names else pa.nulls(table.num_rows, f.type)
-        for f in METADATA_SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=METADATA_SCHEMA)
-
-
-def read_metadata(root: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """All metadata rows of an output (for inspection and tests), in ``METADATA_SCHEMA``.
-
-    Files written by earlier versions (without the newer columns) read with those columns null.
-    """
-    fs, paths = _metadata_files(OutputLayout(root), storage_options)
-    tables = []
-    for path in paths:
-        with fs.open(path, "rb") as handle:
-            tables.append(conform_metadata(pq.read_table(handle)))
-    return pa.concat_tables(tables) if tables else METADATA_SCHEMA.empty_table()
 
 
 def clear_outputs(layout: OutputLayout, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -67,6 +67,9 @@ class RayConfig(StrictModel):
     runtime_env: dict[str, Any] | None = Field(
         default=None, description="Ray runtime_env for the job (e.g. pip packages on a cluster)."
     )
+    progress_bars: bool = Field(
+        default=False, description="Ray Data's per-operator progress bars (the job draws its own line)."
+    )
 
 
 class InferenceConfig(StrictModel):
@@ -141,11 +144,18 @@ class JobConfig(StrictModel):
         description="Request options for rows that do not set them (fal names: mask_only, blur_mask...).",
     )
     overwrite: bool = Field(default=False, description="Redo every row (deletes the previous outputs).")
+    retry_errors: Literal["retryable", "all", "none"] = Field(
+        default="retryable",
+        description="Committed error rows a re-run redoes: the retryable ones (transient storage "
+        "failures), all of them, or none.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra fsspec options (e.g. client_kwargs). Credentials come from the environment.",
     )
-    progress: bool = Field(default=True, description="Ray Data progress bars.")
+    progress: bool = Field(
+        default=True, description="The job's one-line progress (rows, statuses, rate, ETA)."
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     cpu: CpuConfig = Field(default_factory=CpuConfig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from evf.manifest import Manifest
@@ -13,7 +15,7 @@ from pipelines.finish import FinishSettings, finish_batch
 from pipelines.infer import InferenceSettings, InferenceStage
 from pipelines.read import ReadSettings, grounding_id, make_datasource
 
-__all__ = ["build_dataset", "describe_reservations"]
+__all__ = ["build_dataset", "data_context", "describe_reservations"]
 
 
 def describe_reservations(config: JobConfig) -> dict[str, Any]:
@@ -34,6 +36,33 @@ def describe_reservations(config: JobConfig) -> dict[str, Any]:
             "total_gpus": inference.actors * inference.num_gpus,
         },
     }
+
+
+@contextmanager
+def data_context(config: JobConfig) -> Iterator[None]:
+    """Ray Data settings for this job, restored afterwards: the buffer cap between stages and
+    Ray's own per-operator progress bars (off unless ``ray.progress_bars``: the job draws its own line)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    saved = (
+        context.enable_progress_bars,
+        context.print_on_execution_start,
+        context.execution_options.resource_limits,
+    )
+    try:
+        context.enable_progress_bars = config.ray.progress_bars
+        context.print_on_execution_start = config.ray.progress_bars
+        context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
+            object_store_memory=config.cpu.max_buffered_mb * 2**20
+        )
+        yield
+    finally:
+        (
+            context.enable_progress_bars,
+            context.print_on_execution_start,
+            context.execution_options.resource_limits,
+        ) = saved
 
 
 def _inference_settings(

@@ -21,15 +21,19 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
+import pyarrow.compute as pc
+
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.predictor import CheckpointInfo, describe_checkpoint
 from evf.storage import Storage, display_url, open_filesystem
-from pipelines.commit import Committed, JobOutput, OutputLayout, clear_outputs, load_committed
+from pipelines.commit import JobOutput, OutputLayout, clear_outputs
 from pipelines.config import JobConfig
-from pipelines.dataset import build_dataset, describe_reservations
+from pipelines.dataset import build_dataset, data_context, describe_reservations
+from pipelines.metadata import Committed, load_committed
 from pipelines.progress import JobProgress, start_counters
+from pipelines.read import CommittedIndex
 from pipelines.summary import JobSummary, RunRecord, summarize_run
 
 log = logging.getLogger("evf.run")
@@ -169,13 +173,14 @@ def _run_pipeline(
         checkpoint.preprocessor.sam_size,
     )
     warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
-    committed_ref = ray.put(dict(committed.keys)) if committed.keys else None
+    committed_ref = ray.put(CommittedIndex.build(committed.table)) if committed.table.num_rows else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
     progress = JobProgress(output.counters, to_do, enabled=config.progress)
     try:
-        dataset = build_dataset(config, manifest, checkpoint, output, committed_ref)
-        for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            progress.update()
+        with data_context(config):
+            dataset = build_dataset(config, manifest, checkpoint, output, committed_ref)
+            for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                progress.update()
         record.stale = progress.update().get("stale", 0)
     except Exception as error:
         raise JobError(f"the pipeline failed: {_cause(error)}") from None
@@ -217,16 +222,21 @@ def run_job(config: JobConfig) -> JobSummary:
         if config.overwrite:
             log.info("--overwrite: deleting previous metadata/, masks/ and _job.json under the output")
             clear_outputs(layout, storage.options(layout.root))
-            committed = Committed()
+            committed = Committed.empty()
         else:
             committed = load_committed(layout, storage.options(layout.metadata))
     except (ManifestError, OSError) as error:
         raise JobError(str(error)) from None
     record.input_rows = manifest.num_rows
-    to_do = len(manifest.ids - committed.keys.keys())
-    record.skipped = manifest.num_rows - to_do
+    settled = committed.settled(config.retry_errors)
+    record.skipped = int(pc.sum(settled.contains(manifest.ids)).as_py() or 0)
+    to_do = manifest.num_rows - record.skipped
     if committed.duplicate_rows:
-        log.warning("metadata/ already holds %d duplicate row(s) for some ids", committed.duplicate_rows)
+        log.info(
+            "metadata/ holds %d older row(s) superseded by newer ones (retried rows, or rows a crashed run "
+            "committed twice); readers see the newest; `evf compact` removes them",
+            committed.duplicate_rows,
+        )
     log.info(
         "Manifest: %d row(s) in %d file(s); %d already committed, %d to do",
         manifest.num_rows,
@@ -237,7 +247,7 @@ def run_job(config: JobConfig) -> JobSummary:
     with _ray_session(config):
         try:
             if to_do:
-                _run_pipeline(config, manifest, committed, output, record, to_do)
+                _run_pipeline(config, manifest, settled, output, record, to_do)
         except (ConfigError, JobError) as error:
             record.failure = str(error)
             raise

@@ -20,7 +20,7 @@ import yaml
 from evf.errors import UserError
 from evf.io import read_bytes
 from evf.manifest import read_rows, resolve_url, scan_manifest
-from pipelines.commit import read_metadata
+from pipelines.metadata import read_metadata
 
 __all__ = [
     "CategoryError",

@@ -8,9 +8,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from evf.io import write_bytes
 from evf.storage import Storage, display_url
-from pipelines.commit import STATUSES, Committed, OutputLayout, load_committed
+from pipelines.commit import STATUSES, OutputLayout
+from pipelines.metadata import Committed, load_committed
 
 log = logging.getLogger("evf.run")
 
@@ -42,7 +45,8 @@ class JobSummary:
 
     counts: committed rows per status over the whole manifest after this run (``ok``, ``empty``,
     ``error``); ``input_rows == ok + empty + error`` when ``missing == 0``. this_run: rows committed
-    by this run per status. skipped: rows already committed before this run (resume).
+    by this run per status. skipped: rows already committed before this run (resume). retryable:
+    error rows whose cause was transient (a re-run retries them).
     """
 
     run_id: str
@@ -57,6 +61,7 @@ class JobSummary:
     skipped: int
     stale: int
     elapsed_s: float
+    retryable: int = 0
     reservations: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,7 +111,11 @@ def _utc(timestamp: float) -> str:
 
 
 def summarize_run(
-    record: RunRecord, manifest_ids: set[str], committed: Committed, layout: OutputLayout, storage: Storage
+    record: RunRecord,
+    manifest_ids: pa.ChunkedArray,
+    committed: Committed,
+    layout: OutputLayout,
+    storage: Storage,
 ) -> JobSummary:
     """Account for every manifest row from ``metadata/`` (``committed`` if it cannot be read back),
     write ``_job.json``, return the summary."""
@@ -131,6 +140,7 @@ def summarize_run(
         skipped=record.skipped,
         stale=record.stale,
         elapsed_s=elapsed,
+        retryable=committed.retryable(manifest_ids),
         reservations=record.reservations,
     )
     failure = record.failure
@@ -146,7 +156,12 @@ def summarize_run(
         "manifest": summary.manifest,
         "output": summary.output,
         "model": record.model or {"model_id": record.model_id},
-        "counts": {"input_rows": record.input_rows, **summary.counts, "missing": missing},
+        "counts": {
+            "input_rows": record.input_rows,
+            **summary.counts,
+            "retryable": summary.retryable,
+            "missing": missing,
+        },
         "this_run": {
             **summary.this_run,
             "processed": summary.processed,

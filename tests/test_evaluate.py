@@ -20,8 +20,8 @@ from PIL import Image
 from evf.cli import main
 from evf.metrics import EvalReport, RowResult, Scores, derive_kind, evaluate_synthetic
 from evf.synthetic import write_dataset
-from pipelines.commit import read_metadata
 from pipelines.evaluate import EvalError, evaluate, read_ground_truth
+from pipelines.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"

@@ -18,9 +18,9 @@ import pytest
 from label_studio_converter.brush import decode_rle as decode_brush_rle
 from pycocotools.coco import COCO
 
-from pipelines.commit import read_metadata
 from pipelines.export import export_coco, export_labelstudio, write_coco, write_labelstudio
 from pipelines.job_rows import CategoryError
+from pipelines.metadata import read_metadata
 
 
 def job_rows(output: Path) -> dict[str, dict[str, Any]]:

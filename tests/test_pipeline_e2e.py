@@ -31,9 +31,9 @@ from conftest import make_text_png, make_truncated_png, rle_to_mask
 from evf.config import ConfigError
 from evf.io import decode_image, read_bytes
 from evf.synthetic import write_dataset
-from pipelines.commit import read_metadata
 from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST_ID, load_config
 from pipelines.job import run_job
+from pipelines.metadata import read_metadata
 from pipelines.summary import JobSummary
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,15 +31,14 @@ from pipelines.commit import (
     METADATA_SCHEMA,
     JobOutput,
     OutputLayout,
-    load_committed,
     metadata_table,
-    read_metadata,
     write_metadata,
 )
 from pipelines.config import DEFAULT_CONFIG, load_config
 from pipelines.decode import DecodeSettings, decode_batch
 from pipelines.infer import InferenceSettings, InferenceStage
 from pipelines.job import run_job
+from pipelines.metadata import load_committed, read_metadata
 from pipelines.read import ReadSettings, grounding_id, parse_row, read_task
 from pipelines.rows import JobRow, units_from_table
 from pipelines.summary import JobSummary
@@ -388,4 +387,8 @@ def test_metadata_files_without_instances_read_as_null(tmp_path):
     table = read_metadata(str(tmp_path))
     assert table.schema == METADATA_SCHEMA
     assert {r["id"]: r["instances"] for r in table.to_pylist()} == {"x": None, "y": []}
-    assert load_committed(layout).statuses == {"x": "error", "y": "empty"}
+    committed = load_committed(layout).table
+    assert dict(zip(committed["id"].to_pylist(), committed["status"].to_pylist(), strict=True)) == {
+        "x": "error",
+        "y": "empty",
+    }

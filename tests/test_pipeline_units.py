@@ -16,12 +16,13 @@ from evf.io import encode_png
 from evf.manifest import ManifestError, resolve_url, scan_manifest
 from evf.predictor import describe_checkpoint
 from evf.storage import Storage
-from pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, load_committed, read_metadata
+from pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, write_metadata
 from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from pipelines.decode import DecodeSettings, decode_batch
 from pipelines.finish import FinishSettings, finish_batch
 from pipelines.infer import InferenceSettings, InferenceStage
-from pipelines.read import InvalidRow, ReadSettings, parse_row, read_task, request_key
+from pipelines.metadata import load_committed, read_metadata
+from pipelines.read import CommittedIndex, InvalidRow, ReadSettings, parse_row, read_task, request_key
 from pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +115,11 @@ def _write(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Pat
 def test_scan_single_file_and_folder(tmp_path):
     _write(tmp_path / "one.parquet", [{"image_url": "a.png", "prompt": "x"}] * 3)
     manifest = scan_manifest(str(tmp_path / "one.parquet"))
-    assert manifest.num_rows == 3 and manifest.ids == {"one.parquet:0", "one.parquet:1", "one.parquet:2"}
+    assert manifest.num_rows == 3 and manifest.ids.to_pylist() == [
+        "one.parquet:0",
+        "one.parquet:1",
+        "one.parquet:2",
+    ]
     assert manifest.files[0].base == str(tmp_path)
 
     folder = tmp_path / "folder"
@@ -124,7 +129,7 @@ def test_scan_single_file_and_folder(tmp_path):
     (folder / "notes.txt").write_text("not a manifest file")
     manifest = scan_manifest(str(folder))
     assert [f.name for f in manifest.files] == ["part-1.parquet", "sub/part-2.parquet"]
-    assert manifest.ids == {"a", "sub/part-2.parquet:0"}
+    assert manifest.ids.to_pylist() == ["a", "sub/part-2.parquet:0"]
     assert manifest.files[1].base == str(folder / "sub")
 
 
@@ -189,10 +194,51 @@ def test_read_drops_committed_rows(tmp_path):
     file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
     first = read_task(file, 0, 3, ReadSettings(_output(tmp_path)))
     keys = dict(zip(first.column("id").to_pylist(), first.column("key").to_pylist(), strict=True))
-    committed = {"same": keys["same"], "changed": "an-older-key"}
+    committed = CommittedIndex.build(pa.table({"id": ["same", "changed"], "key": [keys["same"], "older"]}))
     again = read_task(file, 0, 3, ReadSettings(_output(tmp_path), committed=committed))
     # Committed rows leave at read, changed (stale) or not; the e2e resume test counts the stale one.
     assert again.schema == ROW_SCHEMA and again.column("id").to_pylist() == ["new"]
+
+
+def test_committed_index_finds_committed_and_stale_rows():
+    ids = [f"row-{i}" for i in range(5000)]
+    index = CommittedIndex.build(pa.table({"id": ids, "key": [f"key-{i}" for i in range(5000)]}))
+    committed, stale = index.lookup(
+        ["row-5", "row-4999", "row-5000", "row-7", "x"], ["key-5", "key-4999", "key-5000", "changed", "y"]
+    )
+    assert committed.tolist() == [True, True, False, True, False]
+    assert stale.tolist() == [False, False, False, True, False]
+    empty = CommittedIndex.build(
+        pa.table({"id": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+    )
+    assert empty.lookup(["a"], ["b"])[0].tolist() == [False]
+
+
+def test_readers_see_the_newest_row_of_each_id(tmp_path):
+    """A retried row (a later run) replaces its earlier row for every reader; rows of one run are one."""
+    layout = OutputLayout(str(tmp_path))
+    write_metadata(
+        layout,
+        [{"id": "a", "key": "k", "status": "error", "retryable": True, "run_id": "20260101T000000Z-1"}],
+        None,
+    )
+    write_metadata(
+        layout,
+        [
+            {"id": "a", "key": "k", "status": "ok", "run_id": "20260102T000000Z-2"},
+            {"id": "b", "key": "k", "status": "empty", "run_id": "20260101T000000Z-1"},
+        ],
+        None,
+    )
+    write_metadata(layout, [{"id": "b", "key": "k", "status": "empty", "run_id": "20260101T000000Z-1"}], None)
+    table = read_metadata(str(tmp_path))
+    assert table.column("id").to_pylist() == ["a", "b"] and table.column("status").to_pylist() == [
+        "ok",
+        "empty",
+    ]
+    committed = load_committed(layout)
+    assert committed.duplicate_rows == 2 and committed.counts() == {"ok": 1, "empty": 1}
+    assert committed.counts(pa.array(["a"]), run_id="20260102T000000Z-2") == {"ok": 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +300,8 @@ def test_decode_stage_reads_each_image_once_per_batch(tmp_path, checkpoint, monk
     ]
     file = scan_manifest(str(_write(tmp_path / "m.parquet", rows))).files[0]
     output = _output(tmp_path)
-    to_do = read_task(file, 0, 6, ReadSettings(output, committed={"6": "k"}))
+    committed = CommittedIndex.build(pa.table({"id": ["6"], "key": ["k"]}))
+    to_do = read_task(file, 0, 6, ReadSettings(output, committed=committed))
     # The invalid row is committed at read and the committed one dropped: neither goes further.
     assert to_do.schema == ROW_SCHEMA and to_do.column("id").to_pylist() == ["1", "2", "3", "4"]
 
@@ -323,7 +370,7 @@ def test_inference_and_finish_stages(tmp_path, checkpoint):
     finish_batch(inferred, settings=FinishSettings(output))
     assert [p.name for p in Path(output.layout.metadata).iterdir()] == [files[0].name]
     committed = load_committed(output.layout)
-    assert set(committed.keys) == {"1", "2", "3", "4"} and committed.duplicate_rows == 0
+    assert committed.ids.to_pylist() == ["1", "2", "3", "4"] and committed.duplicate_rows == 0
 
 
 def test_cli_rejects_bad_config(tmp_path, capsys):

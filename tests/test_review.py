@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from pipelines.commit import OutputLayout, read_metadata, write_metadata
+from pipelines.commit import OutputLayout, write_metadata
+from pipelines.metadata import read_metadata
 from pipelines.review import GROUND_TRUTH_RGB, MASK_FILL_RGB, PAGE_SIZE, error_kind, thumbnail, write_review
 
 CHROMIUM_ARGS = [

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "override any config field, e.g. --set cpu.batch_size=64 --set defaults.mask_only=false"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
+    parser.add_argument(
+        "--ray-progress", action="store_true", default=None, help="Ray Data's per-operator progress bars too"
+    )
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,6 +55,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "ray.address": args.ray_address,
         "grounding.model": args.grounding_model,
         "progress": False if args.no_progress else None,
+        "ray.progress_bars": args.ray_progress,
     }
 
 
