@@ -30,8 +30,10 @@ from evf.storage import describe_error, open_filesystem, shown_uri, uri_protocol
 
 __all__ = [
     "ImageDecodeError",
+    "ImageLike",
     "ImageReadError",
     "ImageWriteError",
+    "as_rgb_array",
     "decode_image",
     "encode_png",
     "load_image",
@@ -247,6 +249,24 @@ def load_image(uri: str, storage_options: Mapping[str, Any] | None = None) -> np
     """``decode_image(read_bytes(uri, storage_options), uri)``: an HxWx3 uint8 RGB array."""
     uri = os.fspath(uri)
     return decode_image(read_bytes(uri, storage_options), source=uri)
+
+
+ImageLike = np.ndarray | Image.Image | str | os.PathLike
+"""What the library's entry points take as an image: an HxWx3 uint8 RGB array, a PIL image, or a
+path / URI (local, ``s3://...``, ``data:...``)."""
+
+
+def as_rgb_array(image: ImageLike, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Any ``ImageLike`` as an HxWx3 uint8 RGB array (PIL images converted like decoded files: EXIF
+    orientation applied, alpha dropped; paths and URIs read and decoded)."""
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, Image.Image):
+        upright = ImageOps.exif_transpose(image) or image
+        return np.ascontiguousarray(_to_rgb_array(upright))
+    if isinstance(image, str | os.PathLike):
+        return load_image(os.fspath(image), storage_options)
+    raise TypeError(f"expected an image array, a PIL image or a path/URI, got {type(image).__name__}")
 
 
 def load_mask(uri: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:

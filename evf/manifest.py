@@ -16,6 +16,7 @@ with ``.`` or ``_`` are ignored). Columns:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import posixpath
@@ -37,6 +38,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestFile",
+    "ROW_ERROR",
     "read_rows",
     "resolve_url",
     "row_id",
@@ -231,6 +233,10 @@ def _check_unique(ids: pa.ChunkedArray) -> None:
         )
 
 
+ROW_ERROR = "_error"
+"""Key of a row read by ``read_rows`` whose bytes could not be read or decoded (the message)."""
+
+
 def read_rows(
     file: ManifestFile,
     start: int,
@@ -239,7 +245,12 @@ def read_rows(
     storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Rows ``start..stop-1`` of one manifest file as dicts of ``columns`` (those the file has),
-    plus ``_row``, the row's index in the file."""
+    plus ``_row``, the row's index in the file.
+
+    Bad bytes fail their rows, not the read: a value that is not valid UTF-8, or a row group that
+    cannot be read, gives rows holding ``ROW_ERROR`` (a message naming the file, the rows and the
+    column) and whatever of their ``id`` could be read.
+    """
     fs, path = open_filesystem(file.uri, storage_options)
     columns = [c for c in columns if c in file.columns]
     with fs.open(path, "rb") as handle:
@@ -250,8 +261,53 @@ def read_rows(
             offset = end
             if end <= start or begin >= stop:
                 continue
-            table = parquet.read_row_group(group, columns=columns)
             lo, hi = max(start, begin) - begin, min(stop, end) - begin
-            for index, row in enumerate(table.slice(lo, hi - lo).to_pylist()):
+            try:
+                table = parquet.read_row_group(group, columns=columns).slice(lo, hi - lo)
+            except Exception as error:
+                yield from _unreadable_rows(parquet, group, file, begin + lo, begin + hi, error)
+                continue
+            for index, row in enumerate(_decoded_rows(table, file.name, begin + lo)):
                 row["_row"] = begin + lo + index
                 yield row
+
+
+def _decoded_rows(table: pa.Table, file_name: str, first: int) -> list[dict[str, Any]]:
+    """``table``'s rows as dicts; a text value that is not valid UTF-8 marks its row ``ROW_ERROR``."""
+    rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            values = column.to_pylist()
+        except UnicodeDecodeError:
+            values = pc.cast(column, pa.binary()).to_pylist()
+            for index, raw in enumerate(values):
+                try:
+                    values[index] = None if raw is None else raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    values[index] = None
+                    shown = raw[:40].decode("utf-8", "replace")
+                    rows[index][ROW_ERROR] = (
+                        f"manifest file {file_name!r} row {first + index}: column {name!r} is not valid "
+                        f"UTF-8 text ({shown!r})"
+                    )
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
+    return rows
+
+
+def _unreadable_rows(
+    parquet: pq.ParquetFile, group: int, file: ManifestFile, first: int, stop: int, error: Exception
+) -> Iterator[dict[str, Any]]:
+    message = (
+        f"manifest file {file.name!r} rows {first}..{stop - 1} cannot be read "
+        f"({type(error).__name__}: {error})"
+    )
+    ids: list[Any] = [None] * (stop - first)
+    if ID_COLUMN in file.columns:  # the id column was readable when the manifest was scanned
+        with contextlib.suppress(Exception):
+            group_start = sum(file.row_groups[:group])
+            column = parquet.read_row_group(group, columns=[ID_COLUMN]).column(0)
+            ids = column.slice(first - group_start, stop - first).to_pylist()
+    for index, value in enumerate(ids):
+        yield {ID_COLUMN: value, "_row": first + index, ROW_ERROR: message}

@@ -1,6 +1,7 @@
 """``EvfSam2Predictor``: embed each image once, answer many text prompts, in batches.
 
-Coordinates and shapes: images are HxWx3 uint8 RGB numpy arrays; every mask returned is HxW
+Coordinates and shapes: images are HxWx3 uint8 RGB numpy arrays (PIL images, paths and URIs are
+converted with ``evf.io.as_rgb_array``); every mask returned is HxW
 at the original image size, row-major (y, x). Mask logits are float32; the mask is ``logits > 0``.
 
 Work per ``predict_batch`` call (N distinct images, P prompts in all):
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evf.errors import DeviceError
+from evf.io import ImageLike, as_rgb_array
 from evf.model.checkpoint import DEMO_MODEL_ID, load_model, resolve_checkpoint
 from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
@@ -45,12 +47,15 @@ class Prompt:
 class Prediction:
     """The mask for one prompt at the image's original size.
 
-    mask_logits: (H, W) float32; mask: (H, W) bool (= logits > 0); score: predicted IoU.
+    mask_logits: (H, W) float32; mask: (H, W) bool (= logits > 0); score: predicted IoU;
+    presence_logit: SAM 2's object-presence logit (what it means for text prompts is not
+    established: EVF-SAM never used it).
     """
 
     mask_logits: np.ndarray
     mask: np.ndarray
     score: float
+    presence_logit: float = float("nan")
 
 
 @dataclass
@@ -202,9 +207,10 @@ class EvfSam2Predictor:
         return self.tokenizer.supports_semantic
 
     # -- CPU side ---------------------------------------------------------------------------
-    def prepare_image(self, image: np.ndarray) -> PreparedImage:
-        """Resize one image for both encoders (CPU only; safe to run in a separate worker)."""
-        return self.preprocessor(image)
+    def prepare_image(self, image: ImageLike) -> PreparedImage:
+        """Resize one image (array, PIL image, path or URI) for both encoders (CPU only; safe to run
+        in a separate worker)."""
+        return self.preprocessor(as_rgb_array(image))
 
     # -- device side ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -215,7 +221,7 @@ class EvfSam2Predictor:
         ):
             yield
 
-    def embed_images(self, images: Sequence[np.ndarray | PreparedImage]) -> EmbeddedImages:
+    def embed_images(self, images: Sequence[ImageLike | PreparedImage]) -> EmbeddedImages:
         """Run the SAM 2 image encoder once over all ``images`` (one batch)."""
         prepared = [im if isinstance(im, PreparedImage) else self.prepare_image(im) for im in images]
         size = self.model.sam_image_size
@@ -255,7 +261,7 @@ class EvfSam2Predictor:
                 None if padding is None else padding.to(self.device, non_blocking=True),
             )
             index = torch.tensor(image_index, device=self.device)
-            low_res, iou = self.model.decode_masks(
+            low_res, iou, presence = self.model.decode_masks(
                 embedded.embeddings.select(index),
                 prompt_embeds.to(embedded.embeddings.image_embed.dtype),
                 multimask=self.mode == "multitask",
@@ -264,8 +270,8 @@ class EvfSam2Predictor:
             rows = torch.arange(len(specs), device=self.device)
             low_res, score = low_res[rows, best].float(), iou[rows, best].float()
             logits = self._upsample(low_res, [embedded.images[i].size for i in image_index])
-        scores = score.cpu().tolist()
-        return [Prediction(lg, lg > 0, s) for lg, s in zip(logits, scores, strict=True)]
+        scores, presences = score.cpu().tolist(), presence.float().cpu().tolist()
+        return [Prediction(lg, lg > 0, s, p) for lg, s, p in zip(logits, scores, presences, strict=True)]
 
     def predict_boxes(
         self, embedded: EmbeddedImages, boxes: Sequence[tuple[int, np.ndarray]]
@@ -323,7 +329,7 @@ class EvfSam2Predictor:
             encoder = self.model.visual_model.sam_prompt_encoder
             sparse, _ = encoder(points=(coords, labels), boxes=None, masks=None)
         embeddings = embedded.embeddings
-        low_res, iou = self.model.decode_masks(
+        low_res, iou, _ = self.model.decode_masks(
             embeddings.select(torch.tensor(rows, device=self.device)),
             sparse.to(embeddings.image_embed.dtype),
             multimask=False,
@@ -342,7 +348,7 @@ class EvfSam2Predictor:
         return out  # type: ignore[return-value]
 
     def predict_batch(
-        self, images: Sequence[np.ndarray | PreparedImage], requests: Sequence[Sequence[PromptLike]]
+        self, images: Sequence[ImageLike | PreparedImage], requests: Sequence[Sequence[PromptLike]]
     ) -> list[list[Prediction]]:
         """Masks for several images, each with one or more prompts.
 
@@ -355,6 +361,6 @@ class EvfSam2Predictor:
         flat = iter(self.predict_embedded(self.embed_images(images), pairs)) if pairs else iter(())
         return [[next(flat) for _ in plist] for plist in requests]
 
-    def predict(self, image: np.ndarray, prompt: str, semantic: bool = False) -> Prediction:
-        """The mask for one prompt on one image."""
+    def predict(self, image: ImageLike, prompt: str, semantic: bool = False) -> Prediction:
+        """The mask for one prompt on one image (array, PIL image, path or URI)."""
         return self.predict_batch([image], [[Prompt(prompt, semantic)]])[0][0]

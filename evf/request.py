@@ -30,6 +30,7 @@ from evf.errors import UserError
 __all__ = [
     "BLUR_MASK_MAX",
     "EXPAND_MASK_MAX",
+    "EXTENSION_OPTIONS",
     "FIELD_NAMES",
     "MISSING",
     "OPTION_DEFAULTS",
@@ -83,6 +84,14 @@ class SegmentRequest(BaseModel):
         default=0, ge=0, le=EXPAND_MASK_MAX, description="Expand (dilate) the mask by this many pixels."
     )
     fill_holes: bool = Field(default=False, description="Fill holes in the mask.")
+    # Extensions beside the fal options (not in fal's schema): bars below which a mask is reported
+    # ``empty`` with the reason recorded; the mask itself is still written for review.
+    min_score: float | None = Field(
+        default=None, ge=0, le=1, description="Extension: a predicted IoU below this makes the row empty."
+    )
+    min_area: int | None = Field(
+        default=None, ge=0, description="Extension: a final mask of fewer pixels makes the row empty."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -120,6 +129,8 @@ class SegmentRequest(BaseModel):
 FIELD_NAMES: tuple[str, ...] = tuple(SegmentRequest.model_fields)
 OPTION_NAMES: tuple[str, ...] = tuple(n for n in FIELD_NAMES if n not in ("prompt", "image_url"))
 OPTION_DEFAULTS: dict[str, Any] = {n: SegmentRequest.model_fields[n].default for n in OPTION_NAMES}
+EXTENSION_OPTIONS: tuple[str, ...] = ("min_score", "min_area")
+"""Options that fal-ai/evf-sam does not have; unset (None) they change nothing, not even a row's key."""
 
 _BOOL_RULE = "must be a boolean (true/false)"
 _RULES: dict[str, str] = {
@@ -133,6 +144,8 @@ _RULES: dict[str, str] = {
     "blur_mask": f"must be 0 (off) or an odd integer in 1..{BLUR_MASK_MAX - 1} (kernel size)",
     "expand_mask": f"must be an integer in 0..{EXPAND_MASK_MAX}",
     "fill_holes": _BOOL_RULE,
+    "min_score": "must be a number in 0..1 or null (predicted IoU below which the row is empty)",
+    "min_area": "must be an integer >= 0 or null (mask pixels below which the row is empty)",
 }
 
 

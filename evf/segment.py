@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from evf.grounding import DetectorImage, GroundingDetector, MissingDetectorError
+from evf.io import ImageLike, as_rgb_array
 from evf.model.checkpoint import DEMO_MODEL_WARNING
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
 from evf.predictor import EmbeddedImages, EvfSam2Predictor, PreparedImage, Prompt
@@ -73,6 +74,7 @@ class RawMasks:
     score: float
     negative: np.ndarray | None = None
     instances: list[Instance] | None = None
+    presence_logit: float | None = None
 
 
 @dataclass
@@ -85,6 +87,10 @@ class SegmentResult:
     score: the model's predicted IoU of the prompt's mask.
     area, bbox (x, y, w, h), empty, rle: of the final mask binarised at 128; ``rle`` is COCO
         compressed RLE (``{"size": [H, W], "counts": str}``), decodable by pycocotools.
+    presence_logit: SAM 2's object-presence logit for the prompt (None for GroundingDINO requests);
+        its meaning for text prompts is not established (EVF-SAM never used it).
+    reason: why the result is ``empty`` although the mask is not, when a ``min_score`` or
+        ``min_area`` bar made it so (the mask is kept, for review); None otherwise.
     instances: GroundingDINO requests only (None otherwise; ``[]`` when no box was found): one
         dict per box, highest detector score first: ``box`` ``[x, y, w, h]`` (COCO order, float
         pixels of the original image), ``detector_score``, ``mask_score`` (SAM 2's predicted
@@ -101,6 +107,8 @@ class SegmentResult:
     empty: bool
     rle: dict[str, Any]
     instances: list[dict[str, Any]] | None = None
+    presence_logit: float | None = None
+    reason: str | None = None
 
 
 _warned_semantic: set[str] = set()
@@ -189,7 +197,7 @@ def _text_masks(
     for k, _, request in items:
         positive = next(predictions)
         negative = next(predictions).mask if request.negative_prompt else None
-        out.append((k, RawMasks(positive.mask, positive.score, negative)))
+        out.append((k, RawMasks(positive.mask, positive.score, negative, None, positive.presence_logit)))
     return out
 
 
@@ -263,9 +271,28 @@ def finish(request: SegmentRequest, raw: RawMasks, image: np.ndarray | None = No
     else:
         output = compose_rgba(image, mask)
     instances = None if raw.instances is None else [i.to_dict() for i in raw.instances]
+    reason = below_bar(request, raw.score, stats.area) if not stats.empty else None
     return SegmentResult(
-        mask, output, raw.score, stats.area, stats.bbox, stats.empty, encode_rle(binary), instances
+        mask,
+        output,
+        raw.score,
+        stats.area,
+        stats.bbox,
+        stats.empty or reason is not None,
+        encode_rle(binary),
+        instances,
+        raw.presence_logit,
+        reason,
     )
+
+
+def below_bar(request: SegmentRequest, score: float, area: int) -> str | None:
+    """Why a mask falls below the request's ``min_score`` / ``min_area`` bars, or None."""
+    if request.min_score is not None and score < request.min_score:
+        return f"score {score:.3f} < min_score {request.min_score:g}"
+    if request.min_area is not None and area < request.min_area:
+        return f"area {area} px < min_area {request.min_area}"
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -296,7 +323,7 @@ def load_detector(
 
 
 def segment(
-    image: np.ndarray | None,
+    image: ImageLike | None,
     request: Mapping[str, Any] | SegmentRequest,
     predictor: EvfSam2Predictor | None = None,
     *,
@@ -306,8 +333,8 @@ def segment(
     """Segment one image from a fal-style request (see ``evf.request.SegmentRequest``).
 
     Args:
-        image: (H, W, 3) uint8 RGB, or None to read ``request["image_url"]`` (any fsspec URI,
-            local path or ``data:`` URI).
+        image: (H, W, 3) uint8 RGB array, a PIL image, a path or URI (local, ``s3://...``,
+            ``data:...``), or None to read ``request["image_url"]``.
         request: a mapping with the fal option names, or a ``SegmentRequest``.
         predictor: defaults to the shipped demo model.
         detector: GroundingDINO for ``use_grounding_dino`` requests: a ``GroundingDetector``
@@ -324,10 +351,9 @@ def segment(
     req = parse_request(request)
     if image is None:
         if not req.image_url:
-            raise ValueError("no image given: pass an image array or set image_url in the request")
-        from evf.io import load_image
-
-        image = load_image(req.image_url, storage_options)
+            raise ValueError("no image given: pass an image (array, PIL image, path) or set image_url")
+        image = req.image_url
+    image = as_rgb_array(image, storage_options)
     if req.use_grounding_dino and detector is None:
         raise MissingDetectorError(
             "use_grounding_dino=true needs a GroundingDINO model: pass detector= (or --grounding-model): "

@@ -105,6 +105,9 @@ class OutputLayout:
     def job_json(self) -> str:
         return join_uri(self.root, "_job.json")
 
+    def run_json(self, run_id: str) -> str:
+        return join_uri(self.root, "runs", f"{run_id}.json")
+
     def mask_uri(self, key: str) -> str:
         return join_uri(self.root, "masks", f"{key}.png")
 
@@ -157,6 +160,8 @@ class JobOutput:
             "area": int(result.area),
             "bbox": [int(v) for v in result.bbox],
             "score": float(result.score),
+            "presence_logit": result.presence_logit,
+            "reason": result.reason,
             "rle": result.rle,
             # GroundingDINO rows: the boxes and their masks (RLE) as the model stage encoded them.
             "instances": row.instances if row.request.use_grounding_dino else None,
@@ -207,8 +212,8 @@ def write_metadata(
 
 
 def clear_outputs(layout: OutputLayout, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete ``metadata/`` (the commit records first), then ``masks/`` and ``_job.json``."""
-    for uri in (layout.metadata, layout.masks, layout.job_json):
+    """Delete ``metadata/`` (the commit records first), then ``masks/``, ``_job.json`` and ``runs/``."""
+    for uri in (layout.metadata, layout.masks, layout.job_json, join_uri(layout.root, "runs")):
         fs, path = open_filesystem(uri, storage_options)
         if hasattr(fs, "invalidate_cache"):
             fs.invalidate_cache()

@@ -23,9 +23,9 @@ from evf.io import load_mask
 from evf.manifest import ManifestError, read_rows, resolve_url, row_id, scan_manifest
 from evf.metrics import EvalReport, RowResult, derive_kind, mask_counts
 from evf.storage import Storage, display_url
-from pipelines.metadata import read_metadata
 from pipelines.config import JobConfig, load_config
 from pipelines.job import run_job
+from pipelines.metadata import read_metadata
 
 log = logging.getLogger("evf.eval")
 

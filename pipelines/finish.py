@@ -52,7 +52,8 @@ def _finish_row(
     t0 = time.perf_counter()
     try:
         negative = masks[row.negative_index] if row.negative_index is not None else None
-        result = finish(row.request, RawMasks(masks[row.mask_index], row.score, negative), image)
+        raw = RawMasks(masks[row.mask_index], row.score, negative, presence_logit=row.presence_logit)
+        result = finish(row.request, raw, image)
         png = encode_png(result.image)
     except Exception as error:
         return _Finished(row, output.error_row(row, error_text(error, "post-processing failed")))

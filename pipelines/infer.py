@@ -175,6 +175,7 @@ class InferenceStage:
                 row.negative_index = len(masks[u])
                 masks[u].append(result.negative)
             row.score = float(result.score)
+            row.presence_logit = result.presence_logit
             if result.instances is not None:
                 row.instances = [instance.to_dict() for instance in result.instances]
         for unit, unit_masks in zip(units, masks, strict=True):

@@ -123,6 +123,10 @@ class Committed:
     def empty(cls) -> Committed:
         return cls(pa.schema([METADATA_SCHEMA.field(c) for c in COMMIT_COLUMNS]).empty_table())
 
+    def of(self, ids: pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The committed rows of these ids."""
+        return self.table.filter(pc.is_in(self.ids, value_set=_array(ids)))
+
     @property
     def ids(self) -> pa.ChunkedArray:
         return self.table.column("id")
@@ -149,7 +153,7 @@ class Committed:
         self, ids: pa.Array | pa.ChunkedArray | None = None, run_id: str | None = None
     ) -> Counter[str]:
         """Committed rows per status, over ``ids`` (default: all), only those of ``run_id`` if given."""
-        table = self.table if ids is None else self.table.filter(pc.is_in(self.ids, value_set=_array(ids)))
+        table = self.table if ids is None else self.of(ids)
         if run_id is not None:
             table = table.filter(pc.equal(table.column("run_id"), run_id))
         counted = table.group_by("status").aggregate([("id", "count")])
@@ -161,7 +165,7 @@ class Committed:
 
     def retryable(self, ids: pa.Array | pa.ChunkedArray | None = None) -> int:
         """How many committed rows (over ``ids``) are retryable errors."""
-        table = self.table if ids is None else self.table.filter(pc.is_in(self.ids, value_set=_array(ids)))
+        table = self.table if ids is None else self.of(ids)
         flags = pc.and_(
             pc.equal(table.column("status"), "error"), pc.fill_null(table.column("retryable"), False)
         )
@@ -172,13 +176,16 @@ def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
-def load_committed(layout: OutputLayout, storage_options: Mapping[str, Any] | None = None) -> Committed:
-    """The commit record under ``layout``: ``COMMIT_COLUMNS`` of every metadata file, read in
-    parallel, one row per id. Raises ``OSError`` naming a file that cannot be read."""
+def load_committed(
+    layout: OutputLayout, storage_options: Mapping[str, Any] | None = None, extra: Sequence[str] = ()
+) -> Committed:
+    """The commit record under ``layout``: ``COMMIT_COLUMNS`` (and ``extra`` columns) of every
+    metadata file, read in parallel, one row per id. Raises ``OSError`` naming an unreadable file."""
+    columns = [*COMMIT_COLUMNS, *extra]
     fs, paths = list_metadata_files(layout, storage_options)
     if not paths:
-        return Committed.empty()
-    table, duplicates = newest_per_id(read_metadata_files(fs, paths, COMMIT_COLUMNS))
+        return Committed(pa.schema([METADATA_SCHEMA.field(c) for c in columns]).empty_table())
+    table, duplicates = newest_per_id(read_metadata_files(fs, paths, columns))
     return Committed(table, duplicates)
 
 

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ManifestFile, read_rows, resolve_url, row_id
-from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
+from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
+from evf.request import EXTENSION_OPTIONS, OPTION_NAMES, InvalidRequestError, parse_request
 from pipelines.commit import JobOutput
 from pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 
@@ -65,10 +65,12 @@ def request_key(
     ``grounding`` (``grounding_id(...)``) is given for ``use_grounding_dino`` rows only, so EVF rows'
     keys do not depend on the GroundingDINO settings.
     """
+    # Unset extension options are left out, so that they change no existing row's key.
+    given = {k: v for k, v in options.items() if not (k in EXTENSION_OPTIONS and v is None)}
     fields: dict[str, Any] = {
         "image_url": image_url,
         "prompt": prompt,
-        "options": dict(sorted(options.items())),
+        "options": dict(sorted(given.items())),
         "model": model_id,
     }
     if grounding is not None:
@@ -128,6 +130,9 @@ def parse_row(
         value = _clean(name, raw.get(name))
         if value is not None:
             options[name] = value
+    if raw.get(ROW_ERROR):
+        key = request_key(repr(raw_url), prompt, options, model_id)
+        return InvalidRow(rid, key, raw_url, prompt, raw[ROW_ERROR], file.name, index)
     if not isinstance(raw_url, str) or not raw_url.strip():
         error = f"invalid request: image_url={raw_url!r}: must be a non-empty path or URI"
         key = request_key(repr(raw_url), prompt, options, model_id)

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,26 +37,17 @@ from evf.io import load_image, load_mask, write_bytes
 from evf.postprocess import decode_rle
 from evf.storage import join_uri
 from pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
+from pipelines.workers import error_kind
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAGE_SIZE", "error_kind", "review_rows", "thumbnail", "write_review"]
+__all__ = ["PAGE_SIZE", "review_rows", "thumbnail", "write_review"]
 
 PAGE_SIZE = 200
 HISTOGRAM_BINS = 20
 MASK_FILL_RGB = (255, 0, 200)
 GROUND_TRUTH_RGB = (0, 255, 255)
 ROW_COLUMNS = ("id", "thumb", "prompt", "negative_prompt", "status", "score", "area", "error")
-_EXCEPTION_NAME = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Warning|Exit)")
-
-
-def error_kind(message: str) -> str:
-    """The kind of an error text: its first ``": "``-separated part, plus the exception name when
-    one follows (``"image read failed: ImageReadError: ..."`` -> ``"image read failed: ImageReadError"``)."""
-    parts = message.split(": ")
-    if len(parts) > 1 and _EXCEPTION_NAME.fullmatch(parts[1]):
-        return f"{parts[0]}: {parts[1]}"
-    return parts[0].strip()[:120]
 
 
 def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

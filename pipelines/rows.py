@@ -13,6 +13,7 @@ decode, model and finish one row per ``ImageUnit`` (``UNIT_SCHEMA``, rows as a l
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from evf.request import OPTION_DEFAULTS, OPTION_NAMES, SegmentRequest
+from evf.request import OPTION_NAMES, SegmentRequest
 from evf.transforms import PreparedImage
 
 __all__ = [
@@ -38,13 +39,14 @@ __all__ = [
     "units_table",
 ]
 
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    kinds = [kind for kind in typing.get_args(annotation) or (annotation,) if kind is not type(None)]
+    return {str: pa.string(), bool: pa.bool_(), int: pa.int32(), float: pa.float64()}[kinds[0]]
+
+
 OPTION_TYPES: dict[str, pa.DataType] = {
-    name: pa.string()
-    if name == "negative_prompt"
-    else pa.int32()
-    if isinstance(default, int) and not isinstance(default, bool)
-    else pa.bool_()
-    for name, default in OPTION_DEFAULTS.items()
+    name: _arrow_type(SegmentRequest.model_fields[name].annotation) for name in OPTION_NAMES
 }
 """Arrow type of each request option column (the same in the job's rows and in the metadata)."""
 
@@ -74,6 +76,7 @@ _ROW_FIELDS = [
     *[(name, OPTION_TYPES[name]) for name in OPTION_NAMES],
     ("elapsed_ms", pa.float64()),
     ("score", pa.float64()),
+    ("presence_logit", pa.float64()),
     ("mask_index", pa.int32()),
     ("negative_index", pa.int32()),
     ("instances", pa.list_(INSTANCE_TYPE)),
@@ -116,6 +119,7 @@ class JobRow:
     request: SegmentRequest
     elapsed_ms: float = 0.0
     score: float | None = None
+    presence_logit: float | None = None
     mask_index: int | None = None
     negative_index: int | None = None
     instances: list[dict[str, Any]] | None = None

@@ -9,15 +9,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from evf.io import write_bytes
 from evf.storage import Storage, display_url
 from pipelines.commit import STATUSES, OutputLayout
 from pipelines.metadata import Committed, load_committed
+from pipelines.workers import error_kind
 
 log = logging.getLogger("evf.run")
 
-__all__ = ["JobSummary", "RunRecord", "format_summary", "summarize_run"]
+__all__ = ["ErrorKind", "JobSummary", "RunRecord", "error_kinds", "format_summary", "summarize_run"]
 
 
 @dataclass
@@ -37,6 +39,32 @@ class RunRecord:
     reservations: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     failure: str | None = None
+
+
+@dataclass
+class ErrorKind:
+    """The error rows of one kind (``pipelines.workers.error_kind``): how many, the first few ids."""
+
+    kind: str
+    rows: int
+    first_ids: list[str]
+    retryable: bool
+
+
+def error_kinds(errors: pa.Table, shown: int = 3) -> list[ErrorKind]:
+    """Error rows (``id``, ``error``, ``retryable``) grouped by kind, most frequent first."""
+    kinds: dict[tuple[str, bool], ErrorKind] = {}
+    for row_id, message, retryable in zip(
+        *(errors.column(c).to_pylist() for c in ("id", "error", "retryable")), strict=True
+    ):
+        flag = bool(retryable)
+        entry = kinds.setdefault(
+            (error_kind(message or ""), flag), ErrorKind(error_kind(message or ""), 0, [], flag)
+        )
+        entry.rows += 1
+        if len(entry.first_ids) < shown:
+            entry.first_ids.append(row_id)
+    return sorted(kinds.values(), key=lambda k: -k.rows)
 
 
 @dataclass
@@ -62,6 +90,7 @@ class JobSummary:
     stale: int
     elapsed_s: float
     retryable: int = 0
+    error_kinds: list[ErrorKind] = field(default_factory=list)
     reservations: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,10 +150,13 @@ def summarize_run(
     write ``_job.json``, return the summary."""
     elapsed = time.time() - record.started
     try:
-        committed = load_committed(layout, storage.options(layout.metadata))
+        committed = load_committed(layout, storage.options(layout.metadata), extra=("error",))
     except OSError as error:
         log.error("cannot read back metadata: %s", error)
     counts = committed.counts(manifest_ids)
+    errors = committed.of(manifest_ids)
+    if "error" in errors.column_names:
+        errors = errors.filter(pc.equal(errors.column("status"), "error"))
     this_run = committed.counts(manifest_ids, run_id=record.run_id)
     missing = record.input_rows - sum(counts.values())
     summary = JobSummary(
@@ -141,6 +173,7 @@ def summarize_run(
         stale=record.stale,
         elapsed_s=elapsed,
         retryable=committed.retryable(manifest_ids),
+        error_kinds=error_kinds(errors) if "error" in errors.column_names else [],
         reservations=record.reservations,
     )
     failure = record.failure
@@ -169,15 +202,17 @@ def summarize_run(
             "stale": record.stale,
         },
         "rows_per_s": round(summary.rows_per_s, 3),
+        "error_kinds": [asdict(kind) for kind in summary.error_kinds],
         "resources": record.reservations,
         "outputs": {"masks": summary.masks_uri, "metadata": summary.metadata_uri},
         "config": record.config,
     }
-    try:
-        data = json.dumps(payload, indent=2, default=str).encode("utf-8")
-        write_bytes(layout.job_json, data, storage.options(layout.job_json))
-    except OSError as error:
-        log.error("could not write %s: %s", layout.job_json, error)
+    data = json.dumps(payload, indent=2, default=str).encode("utf-8")
+    for uri in (layout.run_json(record.run_id), layout.job_json):  # the history first, then the latest
+        try:
+            write_bytes(uri, data, storage.options(uri))
+        except OSError as error:
+            log.error("could not write %s: %s", uri, error)
     return summary
 
 
@@ -198,8 +233,22 @@ def format_summary(summary: JobSummary) -> str:
     lines.append(f"  {'total':<{width}} {total:>9} {summary.processed:>9}")
     if summary.skipped:
         lines.append(f"  {'resumed':<{width}} {summary.skipped} row(s) were already committed and skipped")
+    if summary.retryable:
+        lines.append(
+            f"  {'retryable':<{width}} {summary.retryable} error row(s) failed for a transient cause; "
+            "re-run the same command to retry them"
+        )
     if summary.missing:
         lines.append(f"  {'MISSING':<{width}} {summary.missing} row(s) have no metadata row")
+    if summary.error_kinds:
+        lines.append(f"  {'errors':<{width}} by kind (first ids):")
+        for kind in summary.error_kinds:
+            flag = " [retryable]" if kind.retryable else ""
+            lines.append(f"    {kind.rows:>7}  {kind.kind}{flag} ({', '.join(kind.first_ids)})")
+        lines.append(
+            f"  {'':<{width}} every error row and its message: the metadata (status == 'error'), "
+            "or `evf review OUTPUT`"
+        )
     lines += [
         f"  {'time':<{width}} {summary.elapsed_s:.1f} s ({summary.rows_per_s:.2f} rows/s this run)",
         f"  {'masks':<{width}} {summary.masks_uri}/",

@@ -59,7 +59,7 @@ def test_intermediate_arrays_match_reference(case: dict, predictors: dict[str, E
         np.testing.assert_allclose(cls.numpy(), expected(case, "cls"), atol=1e-4, rtol=0)
         text_embed = model.encode_prompts(beit3_input, input_ids, None)
         np.testing.assert_allclose(text_embed.numpy(), expected(case, "text_embed"), atol=1e-4, rtol=0)
-        low_res, iou = model.decode_masks(
+        low_res, iou, _ = model.decode_masks(
             model.encode_images(sam_input), text_embed, multimask=case["mode"] == "multitask"
         )
     np.testing.assert_allclose(low_res.numpy(), expected(case, "low_res_masks"), atol=5e-3, rtol=0)

@@ -31,7 +31,7 @@ from conftest import make_text_png, make_truncated_png, rle_to_mask
 from evf.config import ConfigError
 from evf.io import decode_image, read_bytes
 from evf.synthetic import write_dataset
-from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST_ID, load_config
+from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from pipelines.job import run_job
 from pipelines.metadata import read_metadata
 from pipelines.summary import JobSummary
@@ -247,7 +247,7 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
     from evf.segment import segment
 
     config = load_config(DEFAULT_CONFIG)
-    assert config.manifest == SAMPLE_MANIFEST_ID and Path(config.resolved().manifest) == SAMPLE
+    assert config.manifest == SAMPLE_MANIFEST_ID and Path(config.resolved().manifest) == SAMPLE_MANIFEST
     assert config.model == "evf-sam2-demo" and config.inference.num_gpus == 0 and config.ray.address is None
 
     output = tmp_path / "out"

@@ -4,6 +4,7 @@ import pickle
 import pytest
 
 from evf.request import (
+    EXTENSION_OPTIONS,
     FIELD_NAMES,
     MISSING,
     OPTION_DEFAULTS,
@@ -41,7 +42,9 @@ def test_option_names_and_defaults():
         "blur_mask",
         "expand_mask",
         "fill_holes",
+        *EXTENSION_OPTIONS,  # min_score, min_area: ours, beside fal's schema
     )
+    assert EXTENSION_OPTIONS == ("min_score", "min_area")
     assert OPTION_NAMES == (
         "negative_prompt",
         "semantic_type",
@@ -51,6 +54,7 @@ def test_option_names_and_defaults():
         "blur_mask",
         "expand_mask",
         "fill_holes",
+        *EXTENSION_OPTIONS,
     )
     assert list(OPTION_DEFAULTS) == list(OPTION_NAMES)
     assert OPTION_DEFAULTS == {
@@ -62,6 +66,8 @@ def test_option_names_and_defaults():
         "blur_mask": 0,
         "expand_mask": 0,
         "fill_holes": False,
+        "min_score": None,
+        "min_area": None,
     }
     assert parse_request({"prompt": "x"}).options() == OPTION_DEFAULTS
 
@@ -85,6 +91,8 @@ def test_all_fields_valid():
         "blur_mask": 49,
         "expand_mask": 20,
         "fill_holes": True,
+        "min_score": 0.25,
+        "min_area": 100,
     }
     req = parse_request(data)
     assert req.model_dump() == data

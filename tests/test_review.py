@@ -19,7 +19,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from pipelines.commit import OutputLayout, write_metadata
 from pipelines.metadata import read_metadata
-from pipelines.review import GROUND_TRUTH_RGB, MASK_FILL_RGB, PAGE_SIZE, error_kind, thumbnail, write_review
+from pipelines.review import GROUND_TRUTH_RGB, MASK_FILL_RGB, PAGE_SIZE, thumbnail, write_review
+from pipelines.workers import error_kind
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

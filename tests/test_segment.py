@@ -62,6 +62,15 @@ def test_image_url_is_read_when_no_image_is_passed(predictor, base_mask) -> None
     np.testing.assert_array_equal(result.mask > 0, base_mask)
 
 
+def test_a_pil_image_or_a_path_gives_the_same_result(predictor, base_mask) -> None:
+    for given in (Image.open(IMAGE_PATH), str(IMAGE_PATH), IMAGE_PATH):
+        result = segment(given, {"prompt": PROMPT}, predictor)
+        np.testing.assert_array_equal(result.mask > 0, base_mask)
+        np.testing.assert_array_equal(predictor.predict(given, PROMPT).mask, base_mask)
+    with pytest.raises(TypeError, match="PIL image or a path"):
+        segment(42, {"prompt": PROMPT}, predictor)
+
+
 def test_negative_prompt_is_subtracted(predictor, image, base_mask) -> None:
     negative = predictor.predict(image, NEGATIVE).mask
     result = run(predictor, image, negative_prompt=NEGATIVE)
@@ -132,3 +141,16 @@ def test_invalid_options_are_rejected_with_a_clear_message(predictor, image, opt
         segment(image, {"prompt": PROMPT, **options}, predictor)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_min_score_and_min_area_make_a_row_empty_with_the_reason(predictor, image, base_mask) -> None:
+    plain = run(predictor, image)
+    assert not plain.empty and plain.reason is None and np.isfinite(plain.presence_logit)
+    above = run(predictor, image, min_score=min(1.0, plain.score + 0.01))
+    assert above.empty and f"score {plain.score:.3f} < min_score" in above.reason
+    np.testing.assert_array_equal(above.mask, plain.mask)  # the mask itself is kept, for review
+    assert above.area == plain.area and above.rle == plain.rle
+    assert not run(predictor, image, min_score=max(0.0, plain.score - 0.01)).empty
+    small = run(predictor, image, min_area=plain.area + 1)
+    assert small.empty and f"area {plain.area} px < min_area {plain.area + 1}" == small.reason
+    assert run(predictor, image, min_area=plain.area).reason is None

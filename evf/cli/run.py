@@ -1,7 +1,11 @@
 """``evf run [CONFIG] [--manifest URI] [--output URI] [--model URI] ...``: the batch job.
 
-Exit status: 0 when the job completed (rows that failed are ``error`` rows in the metadata, not a
-failure of the job), 1 when the job itself failed, 2 for an invalid config or command line.
+Exit status (docs/pipeline.md says how a scheduler should react to each):
+0  the job completed: every row is ok, empty or a permanent error (bad image, invalid option);
+3  the job completed but some rows failed for a transient cause (storage down, throttled): they are
+   ``error`` rows marked ``retryable``, and re-running the same command retries them;
+1  the job itself failed (nothing is lost: a re-run resumes);
+2  invalid config or command line.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ import argparse
 from typing import Any
 
 from evf.cli import CommandFailed, add_overrides_argument
+
+EXIT_RETRYABLE = 3
+"""``evf run``'s exit status when rows are left as retryable errors."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint: evf-sam2-demo, a Hub id (YxZhang/evf-sam2-multitask), a folder or s3://...",
     )
     parser.add_argument("--overwrite", action="store_true", default=None, help="redo every row")
+    retry = parser.add_mutually_exclusive_group()
+    retry.add_argument(
+        "--retry-errors",
+        choices=("retryable", "all"),
+        default=None,
+        help="committed error rows to redo: the retryable ones (default) or all of them",
+    )
+    retry.add_argument(
+        "--no-retry-errors", action="store_true", help="keep every committed error row as it is"
+    )
     parser.add_argument("--actors", type=int, help="model actors (inference.actors)")
     parser.add_argument("--num-gpus", type=float, help="GPUs per actor (inference.num_gpus; 0 = CPU)")
     parser.add_argument("--batch-size", type=int, help="images per model call (inference.batch_size)")
@@ -48,6 +65,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "output": args.output,
         "model": args.model,
         "overwrite": args.overwrite,
+        "retry_errors": "none" if args.no_retry_errors else args.retry_errors,
         "inference.actors": args.actors,
         "inference.num_gpus": args.num_gpus,
         "inference.batch_size": args.batch_size,
@@ -73,4 +91,4 @@ def command(args: argparse.Namespace) -> int:
         raise CommandFailed("interrupted; re-run the same command to resume") from None
     print(format_summary(summary))
     print(f"Masks written to {summary.masks_uri}/")
-    return 0
+    return EXIT_RETRYABLE if summary.retryable else 0

@@ -12,6 +12,7 @@ and ``decode_masks`` (all prompts of a batch in one mask-decoder call).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from sam2.build_sam import build_sam2
@@ -36,6 +37,18 @@ class ImageEmbeddings:
     def select(self, index: Tensor) -> ImageEmbeddings:
         """Features of the images at ``index`` (one row per prompt), for a single decoder call."""
         return ImageEmbeddings(self.image_embed[index], [f[index] for f in self.high_res])
+
+
+class DecodedMasks(NamedTuple):
+    """The mask decoder's output for P prompts (``EvfSam2Model.decode_masks``).
+
+    low_res: (P, K, S/4, S/4) mask logits; iou: (P, K) predicted IoU; presence: (P,) SAM 2's
+    object-presence logit (> 0: the decoder thinks an object is there; EVF-SAM does not use it).
+    """
+
+    low_res: Tensor
+    iou: Tensor
+    presence: Tensor
 
 
 class EvfSam2Model(nn.Module):
@@ -85,7 +98,7 @@ class EvfSam2Model(nn.Module):
 
     def decode_masks(
         self, embeddings: ImageEmbeddings, prompt_embeds: Tensor, multimask: bool
-    ) -> tuple[Tensor, Tensor]:
+    ) -> DecodedMasks:
         """One mask-decoder call for P prompts whose image features are row-aligned with them.
 
         Args:
@@ -95,7 +108,8 @@ class EvfSam2Model(nn.Module):
                 fallback (the legacy path).
 
         Returns:
-            low-res mask logits (P, K, S/4, S/4) and predicted IoU (P, K), K = 3 or 1.
+            low-res mask logits (P, K, S/4, S/4), predicted IoU (P, K), K = 3 or 1, and SAM 2's
+            object-presence logit (P,).
         """
         decoder = self.visual_model.sam_mask_decoder
         prompt_encoder = self.visual_model.sam_prompt_encoder
@@ -103,7 +117,7 @@ class EvfSam2Model(nn.Module):
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
             n, -1, *prompt_encoder.image_embedding_size
         )
-        low_res, iou, _, _ = decoder(
+        low_res, iou, _, presence = decoder(
             image_embeddings=embeddings.image_embed,
             image_pe=self.image_pe.to(prompt_embeds.dtype),
             sparse_prompt_embeddings=prompt_embeds,
@@ -112,7 +126,7 @@ class EvfSam2Model(nn.Module):
             repeat_image=False,
             high_res_features=embeddings.high_res,
         )
-        return low_res, iou
+        return DecodedMasks(low_res, iou, presence[:, 0])
 
     @torch.no_grad()
     def refresh_image_pe(self) -> None:

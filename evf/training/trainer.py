@@ -344,7 +344,7 @@ class Trainer:
         prompt_embeds = model.encode_prompts(
             beit3_pixels, input_ids.to(device), None if padding is None else padding.to(device)
         )
-        low_res, pred_iou = model.decode_masks(
+        low_res, pred_iou, _ = model.decode_masks(
             embeddings.select(image_index), prompt_embeds, multimask=self.mode == "multitask"
         )
         coverage = torch.cat([sample.coverage for sample in batch]).to(device)
