@@ -149,7 +149,7 @@ def parse_row(
     return JobRow(rid, key, image_url, file.name, index, request)
 
 
-def _digests(values: Sequence[str]) -> np.ndarray:
+def digests(values: Sequence[str]) -> np.ndarray:
     """64-bit BLAKE2 digests of strings, as uint64."""
     joined = b"".join(hashlib.blake2b(v.encode("utf-8"), digest_size=8).digest() for v in values)
     return np.frombuffer(joined, dtype="<u8")
@@ -173,8 +173,8 @@ class CommittedIndex:
         """From a table with ``id`` and ``key`` columns, read a slice at a time (no Python list of
         every id is ever held)."""
         batches = table.select(["id", "key"]).to_batches(max_chunksize=1 << 16)
-        ids = [_digests(b.column(0).to_pylist()) for b in batches]
-        keys = [_digests(b.column(1).to_pylist()) for b in batches]
+        ids = [digests(b.column(0).to_pylist()) for b in batches]
+        keys = [digests(b.column(1).to_pylist()) for b in batches]
         id_digests = np.concatenate(ids) if ids else np.zeros(0, "<u8")
         key_digests = np.concatenate(keys) if keys else np.zeros(0, "<u8")
         order = np.argsort(id_digests, kind="stable")
@@ -185,10 +185,10 @@ class CommittedIndex:
         if len(self.ids) == 0 or len(ids) == 0:
             nothing = np.zeros(len(ids), bool)
             return nothing, nothing
-        wanted = _digests(ids)
+        wanted = digests(ids)
         where = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
         committed = self.ids[where] == wanted
-        return committed, committed & (self.keys[where] != _digests(keys))
+        return committed, committed & (self.keys[where] != digests(keys))
 
 
 @dataclass(frozen=True)

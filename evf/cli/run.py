@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate every row and read the commits, then say what a run would do (no Ray, no weights)",
+    )
+    parser.add_argument(
         "--ray-progress", action="store_true", default=None, help="Ray Data's per-operator progress bars too"
     )
 
@@ -83,6 +88,11 @@ def command(args: argparse.Namespace) -> int:
     from pipelines.summary import format_summary
 
     config = load_config(args.config, args.overrides, _flags(args))
+    if args.dry_run:
+        from pipelines.dryrun import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(config)))
+        return 0
     try:
         summary = run_job(config)
     except JobError as error:
