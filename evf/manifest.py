@@ -58,7 +58,9 @@ class ManifestFile:
     """One Parquet file of a manifest.
 
     uri: readable location (absolute local path or full URI); name: relative to the manifest root
-    (used in derived ids); base: the folder relative image URLs are resolved against.
+    (used in derived ids); base: the folder relative image URLs are resolved against; columns: the
+    file's columns under the names the job uses; renamed: (job name, file's name) of the columns a
+    column mapping renames.
     """
 
     uri: str
@@ -67,6 +69,11 @@ class ManifestFile:
     num_rows: int
     columns: tuple[str, ...]
     row_groups: tuple[int, ...]
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def source_column(self, name: str) -> str:
+        """The file's own name of the column the job calls ``name``."""
+        return dict(self.renamed).get(name, name)
 
 
 @dataclass
@@ -183,12 +190,18 @@ def row_id(value: Any, file_name: str, index: int) -> str:
     return text if text.strip() else f"{derived_id_prefix(file_name)}{index}"
 
 
-def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+def scan_manifest(
+    uri: str, storage_options: Mapping[str, Any] | None = None, columns: Mapping[str, str] | None = None
+) -> Manifest:
     """List the manifest's files, check their columns and collect every row's id.
+
+    ``columns`` maps the job's column names to the manifest's (``{"image_url": "url", "prompt":
+    "caption"}`` for an img2dataset manifest), so other datasets run without rewriting them.
 
     Reads only Parquet footers and the ``id`` column. Raises ``ManifestError`` when the manifest is
     missing, a file is not Parquet, a required column is missing, or two rows share an id.
     """
+    mapping = dict(columns or {})
     fs, entries = _list_files(uri, storage_options)
     files: list[ManifestFile] = []
     ids: list[pa.Array] = []
@@ -197,16 +210,22 @@ def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         try:
             with fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
-                columns = tuple(parquet.schema_arrow.names)
+                own = tuple(parquet.schema_arrow.names)
+                renamed = tuple((ours, theirs) for ours, theirs in mapping.items() if theirs in own)
+                taken = {theirs for _, theirs in renamed}
+                columns = tuple(ours for ours, _ in renamed) + tuple(c for c in own if c not in taken)
                 missing = [c for c in REQUIRED_COLUMNS if c not in columns]
                 if missing:
+                    wanted = [f"{c} (mapped to {mapping[c]!r})" if c in mapping else c for c in missing]
                     raise ManifestError(
-                        f"manifest file {shown!r} lacks required column(s) {', '.join(missing)} "
-                        f"(it has: {', '.join(columns) or 'none'})"
+                        f"manifest file {shown!r} lacks required column(s) {', '.join(wanted)} "
+                        f"(it has: {', '.join(own) or 'none'}); map other names with the job's "
+                        "columns setting, e.g. --columns image_url=url,prompt=caption"
                     )
                 metadata = parquet.metadata
                 row_groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-                id_column = parquet.read(columns=[ID_COLUMN]).column(0) if ID_COLUMN in columns else None
+                id_name = dict(renamed).get(ID_COLUMN, ID_COLUMN)
+                id_column = parquet.read(columns=[id_name]).column(0) if ID_COLUMN in columns else None
         except ManifestError:
             raise
         except Exception as error:
@@ -215,7 +234,9 @@ def scan_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
             ) from None
         ids.append(_id_strings(id_column, name, metadata.num_rows))
         file_uri = _file_uri(fs, path)
-        files.append(ManifestFile(file_uri, name, _parent(file_uri), metadata.num_rows, columns, row_groups))
+        files.append(
+            ManifestFile(file_uri, name, _parent(file_uri), metadata.num_rows, columns, row_groups, renamed)
+        )
     all_ids = pa.chunked_array(ids, pa.string())
     _check_unique(all_ids)
     return Manifest(uri, files, all_ids)
@@ -253,6 +274,7 @@ def read_rows(
     """
     fs, path = open_filesystem(file.uri, storage_options)
     columns = [c for c in columns if c in file.columns]
+    sources = [file.source_column(c) for c in columns]
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         offset = 0
@@ -263,7 +285,8 @@ def read_rows(
                 continue
             lo, hi = max(start, begin) - begin, min(stop, end) - begin
             try:
-                table = parquet.read_row_group(group, columns=columns).slice(lo, hi - lo)
+                table = parquet.read_row_group(group, columns=sources).slice(lo, hi - lo)
+                table = table.rename_columns(columns)
             except Exception as error:
                 yield from _unreadable_rows(parquet, group, file, begin + lo, begin + hi, error)
                 continue
@@ -307,7 +330,7 @@ def _unreadable_rows(
     if ID_COLUMN in file.columns:  # the id column was readable when the manifest was scanned
         with contextlib.suppress(Exception):
             group_start = sum(file.row_groups[:group])
-            column = parquet.read_row_group(group, columns=[ID_COLUMN]).column(0)
+            column = parquet.read_row_group(group, columns=[file.source_column(ID_COLUMN)]).column(0)
             ids = column.slice(first - group_start, stop - first).to_pylist()
     for index, value in enumerate(ids):
         yield {ID_COLUMN: value, "_row": first + index, ROW_ERROR: message}

@@ -139,6 +139,11 @@ class JobConfig(StrictModel):
     model: str = Field(
         default="evf-sam2-demo", description="Checkpoint: folder, fsspec URI, Hub id or evf-sam2-demo."
     )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="The manifest's names for the job's columns, e.g. {image_url: url, prompt: caption} "
+        "(img2dataset) or {image_url: image, prompt: text}.",
+    )
     defaults: dict[str, Any] = Field(
         default_factory=dict,
         description="Request options for rows that do not set them (fal names: mask_only, blur_mask...).",
@@ -167,6 +172,15 @@ class JobConfig(StrictModel):
         if not value.strip():
             raise ValueError("must be a non-empty path or URI")
         return value.strip()
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        allowed = ("id", "image_url", "prompt", "mask_url", "kind", *OPTION_NAMES)
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        return dict(value)
 
     @field_validator("defaults")
     @classmethod

@@ -72,7 +72,7 @@ def dry_run(config: JobConfig) -> DryRun:
     config = config.resolved()
     storage = Storage.from_environment(config.storage_options)
     layout = OutputLayout(config.output)
-    manifest = scan_manifest(config.manifest, storage.options(config.manifest))
+    manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
     committed = load_committed(layout, storage.options(layout.metadata)) if not config.overwrite else None
     index = CommittedIndex.build(committed.settled(config.retry_errors).table) if committed else None
     report = DryRun(display_url(config.manifest), display_url(config.output), rows=manifest.num_rows)

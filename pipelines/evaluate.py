@@ -38,7 +38,9 @@ class EvalError(RuntimeError):
     """The evaluation cannot be done (no ground truth, unreadable mask, stale outputs...)."""
 
 
-def read_ground_truth(manifest: str, storage: Storage | None = None) -> dict[str, tuple[str, str]]:
+def read_ground_truth(
+    manifest: str, storage: Storage | None = None, columns: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
     """``{row id: (kind, resolved mask_url)}`` for every manifest row (ids as the job derives them).
 
     Raises ``EvalError`` when a file has no ``mask_url`` column or a row has no ground truth.
@@ -46,7 +48,7 @@ def read_ground_truth(manifest: str, storage: Storage | None = None) -> dict[str
     storage = storage or Storage()
     truth: dict[str, tuple[str, str]] = {}
     try:
-        files = scan_manifest(manifest, storage.options(manifest)).files
+        files = scan_manifest(manifest, storage.options(manifest), columns).files
     except ManifestError as error:
         raise EvalError(str(error)) from None
     for file in files:
@@ -145,7 +147,7 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="evf-eval-") as temp:
         job, chosen = _job_config(manifest, model, output, config, overrides, temp)
         storage = Storage.from_environment(job.storage_options)
-        truth = read_ground_truth(job.manifest, storage)  # fail early, before the model runs
+        truth = read_ground_truth(job.manifest, storage, job.columns)  # fail early, before the model runs
         started = time.perf_counter()
         summary = run_job(job)
         job_s = time.perf_counter() - started

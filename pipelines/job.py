@@ -133,7 +133,7 @@ def _asks_for_semantic(config: JobConfig, manifest: Manifest, storage: Storage) 
             continue
         fs, path = open_filesystem(file.uri, storage.options(file.uri))
         with fs.open(path, "rb") as handle:
-            column = pq.read_table(handle, columns=["semantic_type"]).column(0)
+            column = pq.read_table(handle, columns=[file.source_column("semantic_type")]).column(0)
         if pc.any(pc.equal(column.cast("bool"), True)).as_py():
             return True
     return False
@@ -218,7 +218,7 @@ def run_job(config: JobConfig) -> JobSummary:
         "Run %s: manifest %s -> output %s", run_id, display_url(config.manifest), display_url(config.output)
     )
     try:
-        manifest = scan_manifest(config.manifest, storage.options(config.manifest))
+        manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
         if config.overwrite:
             log.info("--overwrite: deleting previous metadata/, masks/ and _job.json under the output")
             clear_outputs(layout, storage.options(layout.root))

@@ -423,3 +423,24 @@ def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
     with caplog.at_level("WARNING"):
         warn_if_semantic_unsupported(config, scan_manifest(str(manifest_path)), info, Storage())
     assert sum("[semantic]" in r.getMessage() for r in caplog.records) == (1 if warned else 0)
+
+
+def test_a_column_mapping_reads_other_manifests_as_they_are(tmp_path):
+    """An img2dataset manifest (``url``, ``caption``, ``key``) through ``columns``, unchanged on disk."""
+    rows = [{"key": "k0", "url": "a.png", "caption": "the cat"}, {"key": "k1", "url": "b.png", "caption": ""}]
+    path = _write(tmp_path / "img2dataset.parquet", rows)
+    with pytest.raises(ManifestError, match="image_url.*--columns image_url=url"):
+        scan_manifest(str(path))
+    mapping = {"image_url": "url", "prompt": "caption", "id": "key"}
+    manifest = scan_manifest(str(path), columns=mapping)
+    assert manifest.ids.to_pylist() == ["k0", "k1"]
+    output = _output(tmp_path)
+    to_do = read_task(manifest.files[0], 0, 2, ReadSettings(output))
+    assert to_do.column("id").to_pylist() == ["k0"] and to_do.column("prompt").to_pylist() == ["the cat"]
+    assert to_do.column("image_url").to_pylist() == [str(tmp_path / "a.png")]
+    invalid = read_metadata(output.layout.root).to_pylist()
+    assert [(r["id"], r["status"]) for r in invalid] == [("k1", "error")] and "prompt" in invalid[0]["error"]
+    config = load_config(None, None, {"manifest": str(path), "output": "o", "columns": mapping})
+    assert config.columns == mapping
+    with pytest.raises(ConfigError, match="unknown column"):
+        load_config(None, ["columns.caption=text"])

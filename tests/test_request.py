@@ -31,7 +31,7 @@ def test_defaults_match_fal_schema():
 
 
 def test_option_names_and_defaults():
-    assert FIELD_NAMES == (
+    assert (
         "prompt",
         "negative_prompt",
         "semantic_type",
@@ -43,9 +43,9 @@ def test_option_names_and_defaults():
         "expand_mask",
         "fill_holes",
         *EXTENSION_OPTIONS,  # min_score, min_area: ours, beside fal's schema
-    )
+    ) == FIELD_NAMES
     assert EXTENSION_OPTIONS == ("min_score", "min_area")
-    assert OPTION_NAMES == (
+    assert (
         "negative_prompt",
         "semantic_type",
         "mask_only",
@@ -55,7 +55,7 @@ def test_option_names_and_defaults():
         "expand_mask",
         "fill_holes",
         *EXTENSION_OPTIONS,
-    )
+    ) == OPTION_NAMES
     assert list(OPTION_DEFAULTS) == list(OPTION_NAMES)
     assert OPTION_DEFAULTS == {
         "negative_prompt": None,

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the sample manifest)",
     )
     parser.add_argument("--manifest", help="Parquet manifest: a file or a folder, any fsspec URI")
+    parser.add_argument(
+        "--columns",
+        type=_column_mapping,
+        help="the manifest's names for the job's columns, e.g. image_url=url,prompt=caption (columns)",
+    )
     parser.add_argument("--output", help="output root (masks/, metadata/, _job.json), any fsspec URI")
     parser.add_argument(
         "--model",
@@ -64,9 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _column_mapping(text: str) -> dict[str, str]:
+    """``image_url=url,prompt=caption`` -> ``{"image_url": "url", "prompt": "caption"}``."""
+    pairs = [part.partition("=") for part in text.split(",") if part.strip()]
+    if not pairs or any(not sep or not ours.strip() or not theirs.strip() for ours, sep, theirs in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected JOB_COLUMN=MANIFEST_COLUMN[,...]")
+    return {ours.strip(): theirs.strip() for ours, _, theirs in pairs}
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "manifest": args.manifest,
+        "columns": args.columns,
         "output": args.output,
         "model": args.model,
         "overwrite": args.overwrite,
