@@ -13,7 +13,7 @@ import importlib.resources
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -34,6 +34,7 @@ __all__ = [
     "SAMPLE_MANIFEST",
     "SAMPLE_MANIFEST_ID",
     "ConfigError",
+    "ActorRange",
     "CpuConfig",
     "GroundingConfig",
     "InferenceConfig",
@@ -72,10 +73,26 @@ class RayConfig(StrictModel):
     )
 
 
+class ActorRange(StrictModel):
+    """An autoscaling actor pool: Ray Data starts ``min`` actors and adds up to ``max`` as work and
+    the cluster's resources allow (``ActorPoolStrategy(min_size=, max_size=)``)."""
+
+    min: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorRange:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
 class InferenceConfig(StrictModel):
     """The model stage: an actor pool, each actor loads the model once."""
 
-    actors: int = Field(default=1, ge=1, description="Number of model actors (one model copy each).")
+    actors: Annotated[int, Field(ge=1)] | ActorRange = Field(
+        default=1, description="Model actors (one model copy each): a number, or {min, max} to autoscale."
+    )
     num_gpus: float = Field(default=0, ge=0, description="GPUs reserved per actor (0: CPU inference).")
     num_cpus: float = Field(
         default=1, gt=0, description="Logical CPUs reserved per actor; fractional values are fine."
@@ -100,6 +117,14 @@ class InferenceConfig(StrictModel):
     max_tasks_in_flight: int = Field(
         default=2, ge=1, description="Batches queued per actor (more hides latency, costs memory)."
     )
+
+    @property
+    def min_actors(self) -> int:
+        return self.actors.min if isinstance(self.actors, ActorRange) else self.actors
+
+    @property
+    def max_actors(self) -> int:
+        return self.actors.max if isinstance(self.actors, ActorRange) else self.actors
 
 
 class CpuConfig(StrictModel):
@@ -216,7 +241,7 @@ class JobConfig(StrictModel):
             return self.inference.torch_threads
         if self.inference.num_gpus == 0:
             cores = node_cpus or os.cpu_count() or 1
-            return max(1, int(cores) // self.inference.actors)
+            return max(1, int(cores) // self.inference.max_actors)
         return max(1, int(-(-self.inference.num_cpus // 1)))
 
     def resolved(self) -> JobConfig:

@@ -30,10 +30,12 @@ def describe_reservations(config: JobConfig) -> dict[str, Any]:
         "inference": {
             "num_cpus": inference.num_cpus,
             "num_gpus": inference.num_gpus,
-            "kind": f"{inference.actors} actor(s)",
+            "kind": f"{inference.min_actors}-{inference.max_actors} actor(s)"
+            if inference.min_actors != inference.max_actors
+            else f"{inference.min_actors} actor(s)",
             "batch_images": inference.batch_size,
-            "total_cpus": inference.actors * inference.num_cpus,
-            "total_gpus": inference.actors * inference.num_gpus,
+            "total_cpus": inference.min_actors * inference.num_cpus,
+            "total_gpus": inference.min_actors * inference.num_gpus,
         },
     }
 
@@ -116,15 +118,18 @@ def build_dataset(
         batch_size=inference.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            size=inference.actors, max_tasks_in_flight_per_actor=inference.max_tasks_in_flight
+            min_size=inference.min_actors,
+            max_size=inference.max_actors,
+            max_tasks_in_flight_per_actor=inference.max_tasks_in_flight,
         ),
         num_cpus=inference.num_cpus,
         num_gpus=inference.num_gpus or None,
         fn_constructor_kwargs={"settings": _inference_settings(config, checkpoint, output)},
     )
+    # Several model batches per finish task: fewer, larger commit files (each is one atomic write).
     return ds.map_batches(
         finish_batch,
-        batch_size=None,
+        batch_size=config.cpu.batch_size,
         batch_format="pyarrow",
         num_cpus=config.cpu.num_cpus,
         fn_kwargs={"settings": FinishSettings(output, config.cpu.io_threads)},

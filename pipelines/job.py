@@ -29,9 +29,10 @@ from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.predictor import CheckpointInfo, describe_checkpoint
 from evf.storage import Storage, display_url, open_filesystem
 from pipelines.commit import JobOutput, OutputLayout, clear_outputs
+from pipelines.compact import AUTO_COMPACT_FILES, compact
 from pipelines.config import JobConfig
 from pipelines.dataset import build_dataset, data_context, describe_reservations
-from pipelines.metadata import Committed, load_committed
+from pipelines.metadata import Committed, list_metadata_files, load_committed
 from pipelines.progress import JobProgress, start_counters
 from pipelines.read import CommittedIndex
 from pipelines.summary import JobSummary, RunRecord, summarize_run
@@ -77,18 +78,19 @@ def _check_resources(config: JobConfig) -> dict[str, float]:
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     pool = config.inference
-    need_cpu, need_gpu = pool.actors * pool.num_cpus, pool.actors * pool.num_gpus
+    # An autoscaling pool needs room for its minimum; Ray Data adds actors only where resources allow.
+    need_cpu, need_gpu = pool.min_actors * pool.num_cpus, pool.min_actors * pool.num_gpus
     problems = []
     if need_cpu + config.cpu.num_cpus > cpus + 1e-9:
         problems.append(
-            f"the actor pool reserves {need_cpu:g} CPU ({pool.actors} actor(s) x inference.num_cpus="
+            f"the actor pool reserves {need_cpu:g} CPU ({pool.min_actors} actor(s) x inference.num_cpus="
             f"{pool.num_cpus:g}) of the cluster's {cpus:g}, leaving less than cpu.num_cpus="
             f"{config.cpu.num_cpus:g} for the read/decode/write tasks: the job would hang. Use fractional "
             "CPUs (e.g. inference.num_cpus: 0.5), fewer actors, or a smaller cpu.num_cpus"
         )
     if need_gpu > gpus + 1e-9:
         problems.append(
-            f"the actor pool needs {need_gpu:g} GPU ({pool.actors} x inference.num_gpus="
+            f"the actor pool needs {need_gpu:g} GPU ({pool.min_actors} x inference.num_gpus="
             f"{pool.num_gpus:g}) but the cluster has {gpus:g}; set inference.num_gpus: 0 for CPU inference"
         )
     if problems:
@@ -188,6 +190,15 @@ def _run_pipeline(
         progress.close()
 
 
+def _compact_if_many(layout: OutputLayout, storage: Storage) -> None:
+    """Merge this output's per-batch commit files once there are many (``pipelines.compact``)."""
+    options = storage.options(layout.metadata)
+    parts = [p for p in list_metadata_files(layout, options)[1] if p.rsplit("/", 1)[-1].startswith("part-")]
+    if len(parts) > AUTO_COMPACT_FILES:
+        done = compact(layout.root, options, parts_only=True)
+        log.info("Compacted %d commit file(s) into %d", done.files_read, done.files_written)
+
+
 def run_job(config: JobConfig) -> JobSummary:
     """Run a segmentation job to completion and return its summary.
 
@@ -258,6 +269,7 @@ def run_job(config: JobConfig) -> JobSummary:
             summary = summarize_run(record, manifest.ids, committed, layout, storage)
     if summary.missing:
         raise JobError(f"{summary.missing} manifest row(s) have no metadata row after the run")
+    _compact_if_many(layout, storage)
     if record.stale:
         log.warning(
             "%d committed row(s) were computed from different inputs (manifest row or model changed) and "

@@ -444,3 +444,12 @@ def test_a_column_mapping_reads_other_manifests_as_they_are(tmp_path):
     assert config.columns == mapping
     with pytest.raises(ConfigError, match="unknown column"):
         load_config(None, ["columns.caption=text"])
+
+
+def test_actor_pool_may_autoscale():
+    gpu = load_config(CONFIGS / "cluster-gpu.yaml")
+    assert (gpu.inference.min_actors, gpu.inference.max_actors) == (1, 8)
+    fixed = load_config(None, ["inference.actors=3"])
+    assert (fixed.inference.min_actors, fixed.inference.max_actors) == (3, 3)
+    with pytest.raises(ConfigError, match="max .2. must be >= min .3."):
+        load_config(None, ["inference.actors={min: 3, max: 2}"])

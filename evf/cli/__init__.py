@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "train": ("evf.cli.train", "train or fine-tune an EVF-SAM2 model"),
     "review": ("evf.cli.review", "write a static HTML review page of a job's output"),
     "export": ("evf.cli.export", "export a job's masks as COCO or Label Studio tasks"),
+    "compact": ("evf.cli.compact", "merge a job's commit files into a few large ones"),
 }
 
 # Their DEBUG logs print request headers (the access key id is in the Authorization header):

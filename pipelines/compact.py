@@ -1,0 +1,87 @@
+"""Compaction: many small commit files merged into a few large ones, crash-safely.
+
+A job commits one small Parquet file per batch (31,250 files per million rows at 32 rows a batch),
+which every reader then lists and opens. ``compact`` merges them:
+
+1. list the metadata files and read them all (in parallel);
+2. keep one row per id, the newest run's (``pipelines.metadata.newest_per_id``);
+3. write the rows as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
+   in one atomic write; the digest names the set of source files, so a compaction redone over the
+   same sources rewrites the same files;
+4. only then delete the source files (not the files step 3 wrote).
+
+A crash at any point loses no row: sources are deleted only after every merged file is written, and
+a crash between 3 and 4 leaves rows twice, which every reader through ``pipelines.metadata``
+resolves (same id, same run: the same row). A raw Parquet reader of ``metadata/`` sees those
+duplicates until the next compaction. Files that a running job commits meanwhile are not in the
+listing of step 1 and are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from evf.io import write_bytes
+from evf.storage import join_uri, open_filesystem
+from pipelines.commit import OutputLayout
+from pipelines.metadata import list_metadata_files, newest_per_id, read_metadata_files
+from pipelines.workers import map_threads
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO_COMPACT_FILES", "ROWS_PER_FILE", "Compaction", "compact"]
+
+ROWS_PER_FILE = 1_000_000
+AUTO_COMPACT_FILES = 256
+"""A run compacts the output at its end when metadata/ holds more files than this."""
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What ``compact`` did: files read and written, rows kept, older duplicate rows dropped."""
+
+    files_read: int
+    files_written: int
+    rows: int
+    duplicates_dropped: int
+
+
+def compact(
+    root: str,
+    storage_options: Mapping[str, Any] | None = None,
+    rows_per_file: int = ROWS_PER_FILE,
+    parts_only: bool = False,
+) -> Compaction:
+    """Merge the metadata files under the output ``root`` (see the module docstring).
+
+    ``parts_only``: merge only the per-batch ``part-*`` files (what a run does at its end, so that
+    it never rewrites rows an earlier compaction already merged); else every file.
+    """
+    layout = OutputLayout(root)
+    fs, paths = list_metadata_files(layout, storage_options)
+    if parts_only:
+        paths = [p for p in paths if p.rsplit("/", 1)[-1].startswith("part-")]
+    if len(paths) <= 1:
+        return Compaction(len(paths), 0, 0, 0)
+    table, dropped = newest_per_id(read_metadata_files(fs, paths))
+    digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
+    written = []
+    for number, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+        buffer = io.BytesIO()
+        pq.write_table(table.slice(start, rows_per_file), buffer, compression="zstd")
+        uri = join_uri(layout.metadata, f"compact-{digest}-{number:04d}.parquet")
+        write_bytes(uri, buffer.getvalue(), storage_options)
+        written.append(open_filesystem(uri, storage_options)[1])
+    keep = set(written)
+    outcomes = map_threads(fs.rm_file, [p for p in paths if p not in keep], 16)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if failed:  # the rows are safe in the merged files; the next compaction deletes these again
+        log.warning("compaction could not delete %d source file(s), e.g. %s", len(failed), failed[0])
+    return Compaction(len(paths), len(written), table.num_rows, dropped)
