@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,8 @@ def data_context(config: JobConfig) -> Iterator[None]:
     import ray
 
     context = ray.data.DataContext.get_current()
+    if not config.ray.progress_bars:  # it would say so on every run
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     saved = (
         context.enable_progress_bars,
         context.print_on_execution_start,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -38,19 +38,19 @@ def start_counters() -> Any:
 
 
 class JobProgress:
-    """The job-level progress line on stderr (``enabled=False``: counts only, nothing drawn)."""
+    """The job-level progress line (``enabled=False``: counts only, nothing drawn), at most 80
+    columns: ``evf run 1200/5000 rows | ok 1100 empty 60 error 40 | 12.3 rows/s | ETA 05:09``."""
 
-    def __init__(self, counters: Any, to_do: int, enabled: bool) -> None:
+    def __init__(self, counters: Any, to_do: int, enabled: bool, file: TextIO | None = None) -> None:
         self.counters = counters
         self.bar = tqdm(
             total=to_do,
-            unit="row",
-            desc="evf run",
+            unit=" rows",
             disable=not enabled,
-            file=sys.stderr,
-            dynamic_ncols=False,
+            file=file or sys.stderr,
             ncols=80,
-            bar_format="{desc}: {n}/{total} rows {postfix} {rate_fmt} ETA {remaining}",
+            mininterval=1.0,
+            bar_format="evf run {n}/{total} rows | {desc} | {rate_fmt} | ETA {remaining}",
         )
 
     def update(self) -> dict[str, int]:
@@ -59,7 +59,7 @@ class JobProgress:
 
         counts = ray.get(self.counters.snapshot.remote())
         done = sum(counts.get(status, 0) for status in ("ok", "empty", "error"))
-        self.bar.set_postfix_str(
+        self.bar.set_description_str(
             f"ok {counts.get('ok', 0)} empty {counts.get('empty', 0)} error {counts.get('error', 0)}",
             refresh=False,
         )

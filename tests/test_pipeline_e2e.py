@@ -114,7 +114,12 @@ def check_outputs(
 
     job_json = json.loads(read_bytes(summary.job_json_uri, storage_options))
     assert job_json["status"] == "succeeded"
-    assert job_json["counts"] == {"input_rows": len(manifest_ids), **summary.counts, "missing": 0}
+    assert job_json["counts"] == {
+        "input_rows": len(manifest_ids),
+        **summary.counts,
+        "retryable": summary.retryable,
+        "missing": 0,
+    }
     assert job_json["config"]["manifest"] and job_json["run_id"] == summary.run_id
     return metadata
 
@@ -495,3 +500,22 @@ def test_two_actors_with_fractional_cpus_finish(ray_session, tmp_path):
     )
     assert summary.reservations["inference"]["total_cpus"] == 1.0
     assert summary.input_rows == 12 and summary.ok + summary.empty == 12
+
+
+def test_progress_line_says_rows_statuses_rate_and_eta(ray_session):
+    """The job-level line, drawn from the counts that every stage's commits report."""
+    import io
+
+    from pipelines.progress import JobProgress, start_counters
+
+    counters = start_counters()
+    screen = io.StringIO()
+    progress = JobProgress(counters, 5000, enabled=True, file=screen)
+    counters.add.remote({"ok": 1100, "empty": 60})
+    counters.add.remote({"error": 40, "stale": 2})
+    counts = progress.update()
+    progress.close()
+    assert counts == {"ok": 1100, "empty": 60, "error": 40, "stale": 2}
+    line = screen.getvalue().split("\r")[-1].strip()
+    assert line.startswith("evf run 1200/5000 rows | ok 1100 empty 60 error 40 | "), line
+    assert "rows/s | ETA " in line and len(line) <= 80, line
