@@ -136,6 +136,12 @@ class CpuConfig(StrictModel):
         description="Manifest rows per decode task. Rows naming the same image within one such batch "
         "share one read, one decode and one image embedding.",
     )
+    read_rows: int = Field(
+        default=2048,
+        ge=1,
+        description="Manifest rows per read task: large, so that a resumed million-row job reads "
+        "(and drops) its committed rows in a few hundred tasks.",
+    )
     num_cpus: float = Field(default=0.5, gt=0, description="Logical CPUs reserved per CPU-stage task.")
     io_threads: int = Field(
         default=8, ge=1, description="Threads per task for object reads/writes (hides S3 latency)."

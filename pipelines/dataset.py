@@ -100,11 +100,11 @@ def build_dataset(
         config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
     )
     read = ReadSettings(output, dict(config.defaults), grounding, committed)
-    rows_per_task = config.cpu.batch_size
+    rows_per_task = config.cpu.read_rows
     read_tasks = sum(-(-f.num_rows // rows_per_task) for f in manifest.files)
-    # One block per read task (Ray Data would otherwise split them into tiny blocks).
+    # One read task per range of rows (Ray Data would otherwise choose its own split).
     ds = ray.data.read_datasource(
-        make_datasource(manifest.files, rows_per_task, read),
+        make_datasource(manifest.files, rows_per_task, config.cpu.batch_size, read),
         num_cpus=config.cpu.num_cpus,
         override_num_blocks=max(1, read_tasks),
     )

@@ -45,11 +45,11 @@ class JobProgress:
         self.counters = counters
         self.bar = tqdm(
             total=to_do,
-            unit=" rows",
+            unit="row",
             disable=not enabled,
             file=file or sys.stderr,
             ncols=80,
-            mininterval=1.0,
+            mininterval=1.0 if (file or sys.stderr).isatty() else 30.0,  # a log file: a line a while
             bar_format="evf run {n}/{total} rows | {desc} | {rate_fmt} | ETA {remaining}",
         )
 

@@ -24,13 +24,13 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
-from evf.request import EXTENSION_OPTIONS, OPTION_NAMES, InvalidRequestError, parse_request
+from evf.request import EXTENSION_OPTIONS, OPTION_DEFAULTS, OPTION_NAMES, InvalidRequestError, parse_request
 from pipelines.commit import JobOutput
 from pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 
@@ -107,6 +107,42 @@ class InvalidRow:
     index: int
 
 
+class RowFields(NamedTuple):
+    """A manifest row's values, cleaned but not validated: what its id and key are made of."""
+
+    index: int
+    id: str
+    image_url: Any
+    prompt: Any
+    options: dict[str, Any]
+
+
+def row_fields(raw: Mapping[str, Any], file: ManifestFile, defaults: Mapping[str, Any]) -> RowFields:
+    """The id and cleaned values of a manifest row; per-row options over the job's ``defaults``."""
+    index = int(raw["_row"])
+    options = dict(defaults)
+    for name in OPTION_NAMES:
+        value = _clean(name, raw.get(name))
+        if value is not None:
+            options[name] = value
+    rid = row_id(raw.get(ID_COLUMN), file.name, index)
+    return RowFields(
+        index, rid, _clean("image_url", raw.get("image_url")), _clean("prompt", raw.get("prompt")), options
+    )
+
+
+def likely_key(fields: RowFields, file: ManifestFile, model_id: str, grounding: str | None) -> str | None:
+    """The key ``parse_row`` gives this row when it is valid, computed without validating it (a
+    resumed run checks millions of committed rows this way). None when the row cannot be keyed so."""
+    if not isinstance(fields.image_url, str) or not fields.image_url.strip():
+        return None
+    options = {**OPTION_DEFAULTS, **fields.options}
+    image_url = resolve_url(fields.image_url.strip(), file.base)
+    return request_key(
+        image_url, fields.prompt, options, model_id, grounding if options["use_grounding_dino"] else None
+    )
+
+
 def parse_row(
     raw: Mapping[str, Any],
     *,
@@ -121,15 +157,7 @@ def parse_row(
     Per-row options override the job's ``defaults``; null means "the job default".
     ``grounding``: the job's ``grounding_id(...)``, part of the key of ``use_grounding_dino`` rows.
     """
-    index = int(raw["_row"])
-    rid = row_id(raw.get(ID_COLUMN), file.name, index)
-    raw_url = _clean("image_url", raw.get("image_url"))
-    prompt = _clean("prompt", raw.get("prompt"))
-    options = dict(defaults)
-    for name in OPTION_NAMES:
-        value = _clean(name, raw.get(name))
-        if value is not None:
-            options[name] = value
+    index, rid, raw_url, prompt, options = row_fields(raw, file, defaults)
     if raw.get(ROW_ERROR):
         key = request_key(repr(raw_url), prompt, options, model_id)
         return InvalidRow(rid, key, raw_url, prompt, raw[ROW_ERROR], file.name, index)
@@ -212,26 +240,31 @@ def _committed_index(reference: Any) -> CommittedIndex:
 
 def read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings) -> pa.Table:
     """Rows ``start..stop-1`` of ``file``: commit the invalid ones, drop the committed ones, return
-    the rest as ``ROW_SCHEMA``."""
-    output = settings.output
-    rows = [
-        parse_row(
-            raw, file=file, defaults=settings.defaults, model_id=output.model_id, grounding=settings.grounding
-        )
-        for raw in read_rows(file, start, stop, READ_COLUMNS, output.storage.options(file.uri))
-    ]
+    the rest as ``ROW_SCHEMA``.
+
+    A committed row is recognised by its id and checked for staleness by a key computed without
+    validation (``likely_key``); only rows whose key then differs are validated to be sure.
+    """
+    output, defaults, model_id = settings.output, settings.defaults, settings.output.model_id
+    raws = list(read_rows(file, start, stop, READ_COLUMNS, output.storage.options(file.uri)))
+    fields = [row_fields(raw, file, defaults) for raw in raws]
     index = settings.committed
     if index is not None and not isinstance(index, CommittedIndex):
         index = _committed_index(index)
-    committed = stale = np.zeros(len(rows), bool)
+    committed = differs = np.zeros(len(raws), bool)
     if index is not None:
-        committed, stale = index.lookup([r.id for r in rows], [r.key for r in rows])
+        quick = [likely_key(f, file, model_id, settings.grounding) or "" for f in fields]
+        committed, differs = index.lookup([f.id for f in fields], quick)
     todo: list[JobRow] = []
     invalid: list[dict[str, Any]] = []
-    for row, done in zip(rows, committed, strict=True):
-        if done:
+    stale = 0
+    for raw, done, maybe_stale in zip(raws, committed, differs, strict=True):
+        if done and not maybe_stale:
             continue
-        if isinstance(row, InvalidRow):
+        row = parse_row(raw, file=file, defaults=defaults, model_id=model_id, grounding=settings.grounding)
+        if done:
+            stale += int(index.lookup([row.id], [row.key])[1][0])  # type: ignore[union-attr]
+        elif isinstance(row, InvalidRow):
             invalid.append(
                 output.invalid_row(
                     id=row.id,
@@ -245,12 +278,15 @@ def read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings)
             )
         else:
             todo.append(row)
-    output.commit(invalid, stale=int(stale.sum()))
+    output.commit(invalid, stale=stale)
     return rows_table(todo)
 
 
-def make_datasource(files: Sequence[ManifestFile], rows_per_task: int, settings: ReadSettings) -> Any:
-    """A Ray Data datasource of the manifest: one read task per ``rows_per_task`` rows of a file."""
+def make_datasource(
+    files: Sequence[ManifestFile], rows_per_task: int, rows_per_block: int, settings: ReadSettings
+) -> Any:
+    """A Ray Data datasource of the manifest: one read task per ``rows_per_task`` rows of a file,
+    yielding its rows to do in blocks of ``rows_per_block`` (so that decode tasks run in parallel)."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -271,12 +307,15 @@ def make_datasource(files: Sequence[ManifestFile], rows_per_task: int, settings:
                     metadata = BlockMetadata(
                         num_rows=None, size_bytes=None, exec_stats=None, input_files=(file.uri,)
                     )
-                    read = functools.partial(_one_block, file, start, stop, settings)
+                    read = functools.partial(_blocks, file, start, stop, settings, rows_per_block)
                     tasks.append(ReadTask(read, metadata, schema=ROW_SCHEMA))
             return tasks
 
     return ManifestSource()
 
 
-def _one_block(file: ManifestFile, start: int, stop: int, settings: ReadSettings) -> Iterable[pa.Table]:
-    return [read_task(file, start, stop, settings)]
+def _blocks(
+    file: ManifestFile, start: int, stop: int, settings: ReadSettings, rows_per_block: int
+) -> Iterable[pa.Table]:
+    table = read_task(file, start, stop, settings)
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)] or [table]

@@ -518,4 +518,4 @@ def test_progress_line_says_rows_statuses_rate_and_eta(ray_session):
     assert counts == {"ok": 1100, "empty": 60, "error": 40, "stale": 2}
     line = screen.getvalue().split("\r")[-1].strip()
     assert line.startswith("evf run 1200/5000 rows | ok 1100 empty 60 error 40 | "), line
-    assert "rows/s | ETA " in line and len(line) <= 80, line
+    assert "row/s | ETA " in line and len(line) <= 80, line
