@@ -87,6 +87,7 @@ def _inference_settings(
         grounding_model=config.grounding.model,
         box_threshold=config.grounding.box_threshold,
         text_threshold=config.grounding.text_threshold,
+        counters=output.counters,
     )
 
 

@@ -22,7 +22,20 @@ from evf.transforms import PreparedImage
 from pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
 from pipelines.workers import error_text, release_memory
 
-__all__ = ["InferenceSettings", "InferenceStage"]
+__all__ = ["MODEL_ROWS", "NODE_PREFIX", "InferenceSettings", "InferenceStage"]
+
+MODEL_ROWS = "model_rows"
+"""Counter of the rows that reached a model actor (committed and invalid rows never do)."""
+NODE_PREFIX = "node:"
+"""Counters ``node:<Ray node id>``: rows answered by the actors on that node."""
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
 
 # (index into the batch's images, request) pairs, as ``evf.segment.infer_masks`` takes them.
 Items = list[tuple[int, SegmentRequest]]
@@ -40,6 +53,7 @@ class InferenceSettings:
     grounding_model: str | None = None
     box_threshold: float = DEFAULT_BOX_THRESHOLD
     text_threshold: float = DEFAULT_TEXT_THRESHOLD
+    counters: Any = None  # the run's RunCounters: told how many rows each node's actors answered
 
 
 class InferenceStage:
@@ -63,6 +77,7 @@ class InferenceStage:
         )
         self._detector: Any = None
         self._detector_error: str | None = None
+        self._node = _node_id()
 
     def _get_detector(self) -> Any:
         """GroundingDINO, loaded on first need; None (and ``_detector_error`` set) when unavailable."""
@@ -160,6 +175,9 @@ class InferenceStage:
     def __call__(self, table: pa.Table) -> pa.Table:
         units = units_from_table(table)
         images, arrays, items, owners = self._gather(units)
+        if self.settings.counters is not None:
+            rows = len(items)
+            self.settings.counters.add.remote({MODEL_ROWS: rows, f"{NODE_PREFIX}{self._node}": rows})
         started = time.perf_counter()
         results = self._infer_isolating(images, arrays, items) if items else []
         share = (time.perf_counter() - started) * 1000 / max(1, len(items))

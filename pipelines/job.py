@@ -32,6 +32,7 @@ from pipelines.commit import JobOutput, OutputLayout, clear_outputs
 from pipelines.compact import AUTO_COMPACT_FILES, compact
 from pipelines.config import JobConfig
 from pipelines.dataset import build_dataset, data_context, describe_reservations
+from pipelines.infer import MODEL_ROWS, NODE_PREFIX
 from pipelines.metadata import Committed, list_metadata_files, load_committed
 from pipelines.progress import JobProgress, start_counters
 from pipelines.read import CommittedIndex
@@ -183,7 +184,14 @@ def _run_pipeline(
             dataset = build_dataset(config, manifest, checkpoint, output, committed_ref)
             for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update()
-        record.stale = progress.update().get("stale", 0)
+        counts = progress.update()
+        record.stale = counts.get("stale", 0)
+        record.model_rows = counts.get(MODEL_ROWS, 0)
+        record.model_rows_by_node = {
+            name.removeprefix(NODE_PREFIX): rows
+            for name, rows in counts.items()
+            if name.startswith(NODE_PREFIX)
+        }
     except Exception as error:
         raise JobError(f"the pipeline failed: {_cause(error)}") from None
     finally:

@@ -35,6 +35,8 @@ class RunRecord:
     input_rows: int = 0
     skipped: int = 0
     stale: int = 0
+    model_rows: int = 0
+    model_rows_by_node: dict[str, int] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     reservations: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -200,6 +202,8 @@ def summarize_run(
             "processed": summary.processed,
             "skipped_committed": record.skipped,
             "stale": record.stale,
+            "rows_through_model": record.model_rows,
+            "model_rows_by_node": record.model_rows_by_node,
         },
         "rows_per_s": round(summary.rows_per_s, 3),
         "error_kinds": [asdict(kind) for kind in summary.error_kinds],

@@ -519,3 +519,36 @@ def test_progress_line_says_rows_statuses_rate_and_eta(ray_session):
     line = screen.getvalue().split("\r")[-1].strip()
     assert line.startswith("evf run 1200/5000 rows | ok 1100 empty 60 error 40 | "), line
     assert "row/s | ETA " in line and len(line) <= 80, line
+
+
+def test_committed_rows_never_reach_the_model_and_retryable_errors_are_redone(ray_session, tmp_path):
+    """A re-run costs what is left: committed rows leave at the read stage (the model actors see
+    only the new rows), and a row committed as a retryable error is done again and replaces it."""
+    from pipelines.commit import OutputLayout, write_metadata
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE.parent / "images", data / "images")
+    table = pq.read_table(SAMPLE).slice(0, 12)
+    pq.write_table(table.slice(0, 9), data / "manifest.parquet")
+    output = tmp_path / "out"
+    first = run_job(job(str(data), str(output)))
+    assert first.processed == 9
+    ids = table.column("id").to_pylist()
+    # Say a storage outage had left one of them a retryable error (as a failed mask write does).
+    rows = read_metadata(str(output)).to_pylist()
+    for row in rows:
+        if row["id"] == ids[4]:
+            row.update(status="error", error="mask write failed: EndpointConnectionError", retryable=True)
+            row.update(mask_url=None, rle=None, area=None, bbox=None)
+    shutil.rmtree(output / "metadata")
+    write_metadata(OutputLayout(str(output)), rows, None)
+    pq.write_table(table.slice(9, 3), data / "more.parquet")  # three new rows
+
+    second = run_job(job(str(data), str(output)))
+    record = json.loads((output / "_job.json").read_text())
+    assert second.skipped == 8 and record["this_run"]["rows_through_model"] == 4  # 3 new + 1 retried
+    assert second.this_run["ok"] + second.this_run["empty"] == 4 and second.retryable == 0
+    after = {r["id"]: r for r in check_outputs(str(output), ids, second).to_pylist()}
+    assert after[ids[4]]["status"] in ("ok", "empty") and after[ids[4]]["run_id"] == second.run_id
+    runs = sorted(p.name for p in (output / "runs").iterdir())
+    assert runs == sorted([f"{first.run_id}.json", f"{second.run_id}.json"])
