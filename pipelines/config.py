@@ -139,8 +139,8 @@ class CpuConfig(StrictModel):
     read_rows: int = Field(
         default=2048,
         ge=1,
-        description="Manifest rows per read task: large, so that a resumed million-row job reads "
-        "(and drops) its committed rows in a few hundred tasks.",
+        description="Manifest rows per read task, at most (small manifests use smaller tasks): large, "
+        "so that a resumed million-row job reads (and drops) its committed rows in a few hundred tasks.",
     )
     num_cpus: float = Field(default=0.5, gt=0, description="Logical CPUs reserved per CPU-stage task.")
     io_threads: int = Field(

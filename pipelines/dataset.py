@@ -91,6 +91,17 @@ def _inference_settings(
     )
 
 
+def _spread_over_nodes() -> dict[str, Any]:
+    """Model actors: one per node before two on one (losing a node then costs the fewest actors)."""
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def rows_per_read_task(config: JobConfig, manifest_rows: int) -> int:
+    """Rows per read task: enough tasks (64) that a small manifest's rows still flow through the
+    stages in parallel, at most ``cpu.read_rows`` so that a huge one is read in large steps."""
+    return max(config.cpu.batch_size, min(config.cpu.read_rows, manifest_rows // 64))
+
+
 def build_dataset(
     config: JobConfig, manifest: Manifest, checkpoint: CheckpointInfo, output: JobOutput, committed: Any
 ) -> Any:
@@ -101,7 +112,7 @@ def build_dataset(
         config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
     )
     read = ReadSettings(output, dict(config.defaults), grounding, committed)
-    rows_per_task = config.cpu.read_rows
+    rows_per_task = rows_per_read_task(config, manifest.num_rows)
     read_tasks = sum(-(-f.num_rows // rows_per_task) for f in manifest.files)
     # One read task per range of rows (Ray Data would otherwise choose its own split).
     ds = ray.data.read_datasource(
@@ -128,6 +139,7 @@ def build_dataset(
         ),
         num_cpus=inference.num_cpus,
         num_gpus=inference.num_gpus or None,
+        ray_remote_args_fn=_spread_over_nodes,
         fn_constructor_kwargs={"settings": _inference_settings(config, checkpoint, output)},
     )
     # Several model batches per finish task: fewer, larger commit files (each is one atomic write).

@@ -31,10 +31,13 @@ class RunCounters:
 
 
 def start_counters() -> Any:
-    """A ``RunCounters`` actor for this run (no CPU reserved: it only adds numbers)."""
+    """A ``RunCounters`` actor for this run, on the driver's node (a worker node may go away
+    mid-job; the driver's cannot without ending the run), reserving no CPU: it only adds numbers."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(RunCounters).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(RunCounters).remote()
 
 
 class JobProgress:

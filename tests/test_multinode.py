@@ -2,11 +2,11 @@
 separate raylets on this machine), manifest, model and outputs on S3 (moto), the driver connecting
 through ``ray.address``. A worker node is removed while the job runs.
 
-Each worker node has room for one model actor (2 of its 3 CPUs), so the autoscaling pool
-(``{min: 1, max: 2}``) runs an actor on each. What happens when one node goes: its actor and tasks
-die; Ray Data re-runs the lost tasks and goes on with the actor that remains (the pool's minimum is
-1); rows whose batch was being written are written again (same mask file, same commit file name, or
-a newer row that readers prefer), so the job finishes with every row exactly once. If the loss came
+The job spreads its two model actors (2 CPUs each) over the two 4-CPU worker nodes. What happens
+when one node goes: its actor and tasks die; Ray restarts the actor on the node that remains (it
+has room) and Ray Data re-runs the lost tasks; rows whose batch was being written are written again
+(same mask file, same commit file name, or a newer row that readers prefer), so the job finishes
+with every row exactly once. If the loss came
 at a moment Ray could not recover from, the job fails cleanly (exit 1) and a re-run completes what
 is left; the test accepts either and checks the rows after both.
 """
@@ -38,7 +38,7 @@ def cluster() -> Any:
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=4) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         yield cluster, workers
@@ -67,7 +67,7 @@ def test_job_on_three_nodes_survives_losing_one(cluster, s3_server, s3_bucket, t
         "--output", output,
         "--model", f"s3://{bucket}/model",
         "--no-progress",
-        "--set", "inference.actors={min: 1, max: 2}",
+        "--set", "inference.actors=2",
         "--set", "inference.num_cpus=2",
         "--set", "inference.batch_size=1",
         "--set", "cpu.batch_size=2",
