@@ -50,6 +50,10 @@ def data_context(config: JobConfig) -> Iterator[None]:
     context = ray.data.DataContext.get_current()
     if not config.ray.progress_bars:  # it would say so on every run
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    if not logging.getLogger("evf.run").isEnabledFor(logging.DEBUG):  # Ray Data's INFO notes: with -v
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler):  # its log file keeps everything
+                handler.setLevel(logging.WARNING)
     saved = (
         context.enable_progress_bars,
         context.print_on_execution_start,
@@ -89,11 +93,6 @@ def _inference_settings(
         text_threshold=config.grounding.text_threshold,
         counters=output.counters,
     )
-
-
-def _spread_over_nodes() -> dict[str, Any]:
-    """Model actors: one per node before two on one (losing a node then costs the fewest actors)."""
-    return {"scheduling_strategy": "SPREAD"}
 
 
 def rows_per_read_task(config: JobConfig, manifest_rows: int) -> int:
@@ -139,7 +138,6 @@ def build_dataset(
         ),
         num_cpus=inference.num_cpus,
         num_gpus=inference.num_gpus or None,
-        ray_remote_args_fn=_spread_over_nodes,
         fn_constructor_kwargs={"settings": _inference_settings(config, checkpoint, output)},
     )
     # Several model batches per finish task: fewer, larger commit files (each is one atomic write).

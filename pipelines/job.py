@@ -50,6 +50,11 @@ class JobError(RuntimeError):
 @contextmanager
 def _ray_session(config: JobConfig) -> Iterator[None]:
     """Reuse an initialised Ray, else start one (local, or the configured address); shut it after."""
+    # Ray's own notes (token auth, Ray Data's "execution finished") are noise to a user of the job:
+    # shown with -v only.
+    verbose = log.isEnabledFor(logging.DEBUG)
+    if not verbose:
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     import ray
 
     if ray.is_initialized():
@@ -57,7 +62,7 @@ def _ray_session(config: JobConfig) -> Iterator[None]:
         return
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.WARNING if verbose else logging.ERROR,
         "log_to_driver": True,
     }
     if config.ray.runtime_env:
