@@ -7,6 +7,10 @@ standard AWS environment variables fill in whatever the caller did not pass expl
 Errors are raised as :class:`ImageReadError` / :class:`ImageWriteError` (both ``OSError``) for storage
 problems and :class:`ImageDecodeError` (``ValueError``) for bytes that are not a usable image. Messages
 name the URI and the cause but never credentials.
+
+Transient storage faults (connection refused or reset, 5xx, throttling) are retried as
+:class:`evf.retry.RetryPolicy` says; an error raised after the last try is still recognised as
+transient by :func:`evf.retry.is_retryable`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import fsspec.core
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy, call_with_retry, request_retry_config
 
 __all__ = [
     "ImageDecodeError",
@@ -204,14 +210,20 @@ def _describe(error: BaseException, options: Mapping[str, Any] | None = None) ->
 
 
 def open_filesystem(
-    uri: str, storage_options: Mapping[str, Any] | None = None
+    uri: str, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem holding ``uri`` and the path within it (``fsspec.core.url_to_fs``).
 
-    Storage options are completed with :func:`storage_options_for`. Local paths give a
-    ``LocalFileSystem`` and an absolute path.
+    Storage options are completed with :func:`storage_options_for`. For S3, botocore retries each
+    request as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`) unless the options set
+    ``config_kwargs["retries"]`` themselves. Local paths give a ``LocalFileSystem`` and an absolute path.
     """
-    return fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
+    options = storage_options_for(uri, storage_options)
+    if _protocol(uri) in _S3_PROTOCOLS and "retries" not in (options.get("config_kwargs") or {}):
+        config = dict(options.get("config_kwargs") or {})
+        config.update(request_retry_config(retry or DEFAULT_RETRY_POLICY))
+        options["config_kwargs"] = config
+    return fsspec.core.url_to_fs(uri, **options)
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -269,30 +281,44 @@ def _parse_data_uri(uri: str) -> bytes:
     return raw
 
 
-def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+def _storage_error(
+    kind: type[OSError], verb: str, uri: str, error: Exception, options: Mapping[str, Any] | None
+) -> OSError:
+    """``kind`` naming the URI and the cause; keeps the cause's errno and says how often it was tried."""
+    attempts = getattr(error, "retry_attempts", 1)
+    tries = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+    wrapped = kind(f"cannot {verb} {_display_uri(uri)!r}: {_describe(error, options)}{tries}")
+    wrapped.errno = getattr(error, "errno", None)
+    return wrapped
+
+
+def _read_once(uri: str, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None) -> bytes:
+    if _protocol(uri) == "":
+        with open(uri, "rb") as file:
+            return file.read()
+    fs, path = open_filesystem(uri, storage_options, retry)
+    return bytes(fs.cat_file(path))
+
+
+def read_bytes(
+    uri: str, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> bytes:
     """All bytes behind ``uri``: a local path, ``file://``, any fsspec URL (``s3://``, ``gs://``,
     ``memory://``, ``https://``...) or an RFC 2397 ``data:`` URI (base64 or percent-encoded).
 
+    Transient faults are retried as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`).
     Raises :class:`ImageReadError` naming the URI and the cause, e.g.
     ``cannot read 's3://b/x.png': file not found``.
     """
     uri = os.fspath(uri)
     if not uri:
         raise ImageReadError("cannot read '': empty URI")
-    protocol = _protocol(uri)
     try:
-        if protocol == "data":
+        if _protocol(uri) == "data":
             return _parse_data_uri(uri)
-        if protocol == "":
-            with open(uri, "rb") as file:
-                return file.read()
-        fs, path = open_filesystem(uri, storage_options)
-        data = fs.cat_file(path)
-        return bytes(data)
+        return call_with_retry(retry, _read_once, uri, storage_options, retry)
     except Exception as error:
-        raise ImageReadError(
-            f"cannot read {_display_uri(uri)!r}: {_describe(error, storage_options)}"
-        ) from error
+        raise _storage_error(ImageReadError, "read", uri, error, storage_options) from error
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -315,29 +341,37 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+def _write_once(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+) -> None:
+    if _protocol(uri) == "":
+        _write_local_atomic(uri, data)
+        return
+    fs, path = open_filesystem(uri, storage_options, retry)
+    if isinstance(fs, LocalFileSystem):
+        _write_local_atomic(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_bytes(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> None:
     """Write ``data`` to ``uri``, atomically where the storage allows it.
 
     Local paths and ``file://`` URIs: parent directories are created and the file is replaced in one
-    step (temporary file + ``os.replace``). Object stores (S3, GCS...) are atomic per object already.
-    Raises :class:`ImageWriteError` naming the URI and the cause.
+    step (temporary file + ``os.replace``); a failed write (a full disk...) leaves no partial file.
+    Object stores (S3, GCS...) are atomic per object already. Transient faults are retried as
+    ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`). Raises :class:`ImageWriteError`
+    naming the URI and the cause; it keeps the cause's ``errno`` (``errno.ENOSPC`` for a full disk).
     """
     uri = os.fspath(uri)
     try:
         if not uri or _protocol(uri) == "data":
             raise ValueError("not a writable location")
-        if _protocol(uri) == "":
-            _write_local_atomic(uri, bytes(data))
-            return
-        fs, path = open_filesystem(uri, storage_options)
-        if isinstance(fs, LocalFileSystem):
-            _write_local_atomic(path, bytes(data))
-        else:
-            fs.pipe_file(path, bytes(data))
+        call_with_retry(retry, _write_once, uri, bytes(data), storage_options, retry)
     except Exception as error:
-        raise ImageWriteError(
-            f"cannot write {_display_uri(uri)!r}: {_describe(error, storage_options)}"
-        ) from error
+        raise _storage_error(ImageWriteError, "write", uri, error, storage_options) from error
 
 
 # --------------------------------------------------------------------------------------------------
