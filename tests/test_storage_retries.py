@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import socket
 import time
 import uuid
 from typing import Any
@@ -48,11 +49,11 @@ def test_a_ten_second_refusal_is_ridden_out_by_reads_and_writes(proxied, s3_serv
     assert stored == payload[::-1]
 
 
-@pytest.mark.parametrize("mode", ["reset", "http_503"])
-def test_resets_and_throttling_for_a_while_are_ridden_out(proxied, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["reset", "http_503", "delay"])
+def test_resets_throttling_and_delays_for_a_while_are_ridden_out(proxied, mode: str) -> None:
     proxy, bucket, options = proxied
     write_bytes(f"s3://{bucket}/in.bin", b"payload", options)
-    proxy.set_mode(mode, for_s=4)
+    proxy.set_mode(mode, for_s=4, delay_s=1.0)
     assert read_bytes(f"s3://{bucket}/in.bin", options, PATIENT) == b"payload"
     write_bytes(f"s3://{bucket}/out.bin", b"written", options, PATIENT)
     assert proxy.counts[mode] > 0  # the fault was met, not slipped past
@@ -129,3 +130,12 @@ def test_retry_policy_bounds() -> None:
     assert policy.max_total_wait_s == policy.min_total_wait_s + 7 * policy.jitter_s
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
+
+
+def test_the_proxy_stops_by_itself(s3_server) -> None:
+    with FaultProxy(s3_server.endpoint_url, lifetime_s=1.0) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5):
+            pass
+        time.sleep(1.5)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
