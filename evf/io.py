@@ -33,7 +33,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy, call_with_retry, request_retry_config
+from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy, call_with_retry, is_retryable, request_retry_config
 
 __all__ = [
     "ImageDecodeError",
@@ -284,11 +284,13 @@ def _parse_data_uri(uri: str) -> bytes:
 def _storage_error(
     kind: type[OSError], verb: str, uri: str, error: Exception, options: Mapping[str, Any] | None
 ) -> OSError:
-    """``kind`` naming the URI and the cause; keeps the cause's errno and says how often it was tried."""
+    """``kind`` naming the URI and the cause, with the cause's errno, how often it was tried, and
+    ``retryable`` (:func:`evf.retry.is_retryable` of the cause, kept when the error is pickled)."""
     attempts = getattr(error, "retry_attempts", 1)
     tries = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
     wrapped = kind(f"cannot {verb} {_display_uri(uri)!r}: {_describe(error, options)}{tries}")
     wrapped.errno = getattr(error, "errno", None)
+    wrapped.retryable = is_retryable(error)
     return wrapped
 
 

@@ -193,6 +193,9 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 
 def _verdict(error: BaseException) -> bool | None:
     """True (transient), False (permanent) or None (says nothing: a wrapper, look at its cause)."""
+    marked = getattr(error, "retryable", None)
+    if isinstance(marked, bool):  # set by evf.io on its errors: survives pickling, unlike __cause__
+        return marked
     name = type(error).__name__
     if isinstance(error, ssl.SSLError) or "SSL" in name or "Certificate" in name:
         return False  # certificate and TLS set-up problems do not heal by waiting
@@ -219,7 +222,9 @@ def is_retryable(error: BaseException) -> bool:
     else, in particular a missing object or bucket (404 / ``NoSuchKey``), access denied (403), bytes
     that are not an image, an invalid request option, a full local disk, TLS certificate errors.
     Wrapped errors (``ImageReadError`` from an ``EndpointConnectionError``, s3fs's ``OSError`` from a
-    botocore ``ClientError``) are judged by their innermost cause that says something.
+    botocore ``ClientError``) are judged by their innermost cause that says something; an error with
+    a boolean ``retryable`` attribute (``evf.io``'s errors have one) says so itself, which still
+    holds after pickling (a Ray task's error) drops ``__cause__``.
     """
     for link in reversed(_chain(error)):
         verdict = _verdict(link)

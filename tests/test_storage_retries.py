@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import pickle
 import socket
 import time
 import uuid
@@ -72,6 +73,7 @@ def test_a_longer_outage_ends_in_a_retryable_error(proxied, mode: str) -> None:
         write_bytes(f"s3://{bucket}/out.bin", b"x", options, HASTY)
     for error in (read_error.value, write_error.value):
         assert is_retryable(error), error
+        assert is_retryable(pickle.loads(pickle.dumps(error)))  # as a Ray task's error arrives
         assert "gave up after 2 attempts" in str(error)
     proxy.set_mode("pass")  # the next run gets through
     assert read_bytes(f"s3://{bucket}/in.bin", options, HASTY) == b"payload"
@@ -85,6 +87,7 @@ def test_missing_objects_and_buckets_are_permanent_and_not_retried(proxied) -> N
         with pytest.raises(ImageReadError) as info:
             read_bytes(uri, options, slow)
         assert not is_retryable(info.value), info.value
+        assert not is_retryable(pickle.loads(pickle.dumps(info.value)))
         assert "gave up" not in str(info.value)
     assert time.monotonic() - started < 20
 
