@@ -5,6 +5,10 @@ Everything here takes a URI string plus optional fsspec ``storage_options`` (see
 Errors are raised as :class:`ImageReadError` / :class:`ImageWriteError` (both ``OSError``) for storage
 problems and :class:`ImageDecodeError` (``ValueError``) for bytes that are not a usable image. Messages
 name the URI and the cause but never credentials.
+
+Transient storage faults (connection refused or reset, 5xx, throttling) are retried as
+:class:`evf.retry.RetryPolicy` says; an error raised after the last try is still recognised as
+transient by :func:`evf.retry.is_retryable`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from evf.errors import UserError
+from evf.retry import RetryPolicy, call_with_retry, is_retryable
 from evf.storage import describe_error, open_filesystem, shown_uri, uri_protocol
 
 __all__ = [
@@ -85,30 +90,46 @@ def _parse_data_uri(uri: str) -> bytes:
     return raw
 
 
-def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+def _storage_error(
+    kind: type[OSError], verb: str, uri: str, error: Exception, options: Mapping[str, Any] | None
+) -> OSError:
+    """``kind`` naming the URI and the cause, with the cause's errno, how often it was tried, and
+    ``retryable`` (:func:`evf.retry.is_retryable` of the cause, kept when the error is pickled)."""
+    attempts = getattr(error, "retry_attempts", 1)
+    tries = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+    wrapped = kind(f"cannot {verb} {shown_uri(uri)!r}: {describe_error(error, options)}{tries}")
+    wrapped.errno = getattr(error, "errno", None)
+    wrapped.retryable = is_retryable(error)
+    return wrapped
+
+
+def _read_once(uri: str, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None) -> bytes:
+    if uri_protocol(uri) == "":
+        with open(uri, "rb") as file:
+            return file.read()
+    fs, path = open_filesystem(uri, storage_options, retry)
+    return bytes(fs.cat_file(path))
+
+
+def read_bytes(
+    uri: str, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> bytes:
     """All bytes behind ``uri``: a local path, ``file://``, any fsspec URL (``s3://``, ``gs://``,
     ``memory://``, ``https://``...) or an RFC 2397 ``data:`` URI (base64 or percent-encoded).
 
+    Transient faults are retried as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`).
     Raises :class:`ImageReadError` naming the URI and the cause, e.g.
     ``cannot read 's3://b/x.png': file not found``.
     """
     uri = os.fspath(uri)
     if not uri:
         raise ImageReadError("cannot read '': empty URI")
-    protocol = uri_protocol(uri)
     try:
-        if protocol == "data":
+        if uri_protocol(uri) == "data":
             return _parse_data_uri(uri)
-        if protocol == "":
-            with open(uri, "rb") as file:
-                return file.read()
-        fs, path = open_filesystem(uri, storage_options)
-        data = fs.cat_file(path)
-        return bytes(data)
+        return call_with_retry(retry, _read_once, uri, storage_options, retry)
     except Exception as error:
-        raise ImageReadError(
-            f"cannot read {shown_uri(uri)!r}: {describe_error(error, storage_options)}"
-        ) from error
+        raise _storage_error(ImageReadError, "read", uri, error, storage_options) from error
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -131,29 +152,37 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+def _write_once(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+) -> None:
+    if uri_protocol(uri) == "":
+        _write_local_atomic(uri, data)
+        return
+    fs, path = open_filesystem(uri, storage_options, retry)
+    if isinstance(fs, LocalFileSystem):
+        _write_local_atomic(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_bytes(
+    uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> None:
     """Write ``data`` to ``uri``, atomically where the storage allows it.
 
     Local paths and ``file://`` URIs: parent directories are created and the file is replaced in one
-    step (temporary file + ``os.replace``). Object stores (S3, GCS...) are atomic per object already.
-    Raises :class:`ImageWriteError` naming the URI and the cause.
+    step (temporary file + ``os.replace``); a failed write (a full disk...) leaves no partial file.
+    Object stores (S3, GCS...) are atomic per object already. Transient faults are retried as
+    ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`). Raises :class:`ImageWriteError`
+    naming the URI and the cause; it keeps the cause's ``errno`` (``errno.ENOSPC`` for a full disk).
     """
     uri = os.fspath(uri)
     try:
         if not uri or uri_protocol(uri) == "data":
             raise ValueError("not a writable location")
-        if uri_protocol(uri) == "":
-            _write_local_atomic(uri, bytes(data))
-            return
-        fs, path = open_filesystem(uri, storage_options)
-        if isinstance(fs, LocalFileSystem):
-            _write_local_atomic(path, bytes(data))
-        else:
-            fs.pipe_file(path, bytes(data))
+        call_with_retry(retry, _write_once, uri, bytes(data), storage_options, retry)
     except Exception as error:
-        raise ImageWriteError(
-            f"cannot write {shown_uri(uri)!r}: {describe_error(error, storage_options)}"
-        ) from error
+        raise _storage_error(ImageWriteError, "write", uri, error, storage_options) from error
 
 
 # --------------------------------------------------------------------------------------------------

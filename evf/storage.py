@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 import fsspec.core
 
+from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy, request_retry_config
+
 __all__ = [
     "REDACTED",
     "Storage",
@@ -200,14 +202,20 @@ def describe_error(error: BaseException, options: Mapping[str, Any] | None = Non
 
 
 def open_filesystem(
-    uri: str, storage_options: Mapping[str, Any] | None = None
+    uri: str, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem holding ``uri`` and the path within it (``fsspec.core.url_to_fs``).
 
-    Storage options are completed with :func:`storage_options_for`. Local paths give a
-    ``LocalFileSystem`` and an absolute path.
+    Storage options are completed with :func:`storage_options_for`. For S3, botocore retries each
+    request as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`) unless the options set
+    ``config_kwargs["retries"]`` themselves. Local paths give a ``LocalFileSystem`` and an absolute path.
     """
-    return fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options))
+    options = storage_options_for(uri, storage_options)
+    if uri_protocol(uri) in _S3_PROTOCOLS and "retries" not in (options.get("config_kwargs") or {}):
+        config = dict(options.get("config_kwargs") or {})
+        config.update(request_retry_config(retry or DEFAULT_RETRY_POLICY))
+        options["config_kwargs"] = config
+    return fsspec.core.url_to_fs(uri, **options)
 
 
 def join_uri(base: str, *parts: str) -> str:
