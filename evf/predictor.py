@@ -26,7 +26,7 @@ from torch import Tensor
 
 from evf.errors import DeviceError
 from evf.io import ImageLike, as_rgb_array
-from evf.model.checkpoint import DEMO_MODEL_ID, load_model, resolve_checkpoint
+from evf.model.checkpoint import DEMO_MODEL_ID, check_weights, load_model, resolve_checkpoint
 from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
 from evf.tokenizer import EvfTokenizer
@@ -107,8 +107,10 @@ def describe_checkpoint(
     storage_options: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """The preprocessing and tokenizer facts of a checkpoint from ``config.json`` and the tokenizer
-    files only (the weights are not read): what ``from_pretrained(path_or_uri, mode=mode)`` uses."""
+    files (the weights are checked, ``check_weights``, not read): what ``from_pretrained(path_or_uri,
+    mode=mode)`` uses. Raises ``CheckpointError`` for a missing, corrupt or unsafe checkpoint."""
     folder = resolve_checkpoint(path_or_uri, storage_options)
+    check_weights(folder, name=str(path_or_uri))
     config = EvfSam2Config.from_file(folder / "config.json")
     tokenizer = EvfTokenizer.from_folder(folder)
     chosen = resolve_mode(mode, config.inference_mode, tokenizer.supports_semantic)

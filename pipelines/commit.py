@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from evf.io import ImageWriteError, write_bytes
 from evf.request import OPTION_NAMES
+from evf.retry import RetryPolicy
 from evf.segment import SegmentResult
 from evf.storage import Storage, display_url, join_uri, open_filesystem
 from pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
@@ -130,7 +131,7 @@ class JobOutput:
     run_id: str
     counters: Any = None
 
-    def _row(self, row: JobRow, status: str, error: str | None) -> dict[str, Any]:
+    def _row(self, row: JobRow, status: str, error: str | None, retryable: bool = False) -> dict[str, Any]:
         return {
             "id": row.id,
             "key": row.key,
@@ -139,6 +140,7 @@ class JobOutput:
             **row.request.options(),
             "status": status,
             "error": error,
+            "retryable": retryable if status == "error" else None,
             "model_id": self.model_id,
             "elapsed_ms": row.elapsed_ms,
             "run_id": self.run_id,
@@ -146,9 +148,10 @@ class JobOutput:
             "manifest_row": row.manifest_row,
         }
 
-    def error_row(self, row: JobRow, error: str) -> dict[str, Any]:
-        """The metadata row of a row that failed after it was read (image, model or write)."""
-        return self._row(row, "error", error)
+    def error_row(self, row: JobRow, error: str, retryable: bool = False) -> dict[str, Any]:
+        """The metadata row of a row that failed after it was read (image, model or write);
+        ``retryable`` when the cause was transient (a re-run retries it)."""
+        return self._row(row, "error", error, retryable)
 
     def result_row(self, row: JobRow, result: SegmentResult, width: int, height: int) -> dict[str, Any]:
         """The metadata row of a finished row (``ok``, or ``empty`` when the final mask is empty)."""
@@ -178,6 +181,7 @@ class JobOutput:
             "prompt": prompt if isinstance(prompt, str) else None,
             "status": "error",
             "error": error,
+            "retryable": False,
             "model_id": self.model_id,
             "run_id": self.run_id,
             "manifest_file": file,
@@ -189,7 +193,7 @@ class JobOutput:
         their statuses (and ``extra_counts``, e.g. ``stale``) to the run's counters."""
         if rows:
             uri = self.layout.metadata_uri(str(r["id"]) for r in rows)
-            write_metadata(self.layout, rows, self.storage.options(uri))
+            write_metadata(self.layout, rows, self.storage.options(uri), self.storage.retry)
         counts = {**Counter(str(r["status"]) for r in rows), **{k: v for k, v in extra_counts.items() if v}}
         if self.counters is not None and counts:
             self.counters.add.remote(counts)
@@ -200,14 +204,18 @@ def metadata_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 
 def write_metadata(
-    layout: OutputLayout, rows: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None
+    layout: OutputLayout,
+    rows: Sequence[Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None,
+    retry: RetryPolicy | None = None,
 ) -> str:
-    """Write one batch's metadata rows as one Parquet object (the commit). Returns its URI."""
+    """Write one batch's metadata rows as one Parquet object (the commit), transient faults retried
+    as ``retry`` says. Returns its URI."""
     table = metadata_table(rows)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     uri = layout.metadata_uri(str(r["id"]) for r in rows)
-    write_bytes(uri, buffer.getvalue(), storage_options)
+    write_bytes(uri, buffer.getvalue(), storage_options, retry)
     return uri
 
 

@@ -27,7 +27,8 @@ from evf.config import (
 )
 from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
-from evf.storage import display_url, redact
+from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from evf.storage import Storage, display_url, redact
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -154,6 +155,22 @@ class CpuConfig(StrictModel):
     )
 
 
+class RetriesConfig(StrictModel):
+    """How transient storage faults are retried (``evf.retry``): each whole read, write, commit or
+    listing up to ``attempts`` times, waits doubling from ``first_wait_s`` to ``max_wait_s`` plus
+    up to ``jitter_s`` of random jitter; each S3 request ``request_attempts`` times inside that. The
+    defaults ride out outages of ~50 s; a row that still fails is committed as a retryable error."""
+
+    attempts: int = Field(default=DEFAULT_RETRY_POLICY.attempts, ge=1)
+    first_wait_s: float = Field(default=DEFAULT_RETRY_POLICY.first_wait_s, ge=0)
+    max_wait_s: float = Field(default=DEFAULT_RETRY_POLICY.max_wait_s, ge=0)
+    jitter_s: float = Field(default=DEFAULT_RETRY_POLICY.jitter_s, ge=0)
+    request_attempts: int = Field(default=DEFAULT_RETRY_POLICY.request_attempts, ge=1)
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(**self.model_dump())
+
+
 class GroundingConfig(StrictModel):
     """GroundingDINO for rows with ``use_grounding_dino: true`` (loaded by an actor only when needed)."""
 
@@ -185,6 +202,7 @@ class JobConfig(StrictModel):
         description="Committed error rows a re-run redoes: the retryable ones (transient storage "
         "failures), all of them, or none.",
     )
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra fsspec options (e.g. client_kwargs). Credentials come from the environment.",
@@ -265,6 +283,10 @@ class JobConfig(StrictModel):
         return self.model_copy(
             update={"manifest": absolute(manifest), "output": absolute(self.output), "model": model}
         )
+
+    def storage(self) -> Storage:
+        """The job's storage options and retry policy, completed from this process's environment."""
+        return Storage.from_environment(self.storage_options, self.retries.policy())
 
     def public_dict(self) -> dict[str, Any]:
         """The config as plain data, safe to log and store (no credential, no password in a URL)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from evf.io import decode_image, read_bytes
+from evf.retry import is_retryable
 from evf.transforms import Preprocessor
 from pipelines.commit import JobOutput
 from pipelines.rows import ImageUnit, JobRow, rows_from_table, units_table
@@ -36,7 +37,9 @@ def decode_batch(table: pa.Table, *, settings: DecodeSettings) -> pa.Table:
     urls = list(groups)
     storage = settings.output.storage
     started = time.perf_counter()
-    fetched = map_threads(lambda url: read_bytes(url, storage.options(url)), urls, settings.io_threads)
+    fetched = map_threads(
+        lambda url: read_bytes(url, storage.options(url), storage.retry), urls, settings.io_threads
+    )
     fetch_ms = (time.perf_counter() - started) * 1000 / max(1, len(urls))
     units: list[ImageUnit] = []
     failed: list[dict] = []
@@ -50,7 +53,8 @@ def decode_batch(table: pa.Table, *, settings: DecodeSettings) -> pa.Table:
             prepared = settings.preprocessor(image)
         except Exception as error:
             where = "image read failed" if isinstance(data, BaseException) else "image decode failed"
-            failed += [settings.output.error_row(row, error_text(error, where)) for row in rows]
+            text, transient = error_text(error, where), is_retryable(error)
+            failed += [settings.output.error_row(row, text, transient) for row in rows]
             continue
         share = (fetch_ms + (time.perf_counter() - t0) * 1000) / len(rows)
         for row in rows:

@@ -70,7 +70,7 @@ def _last_rate(layout: OutputLayout, storage: Storage) -> float | None:
 def dry_run(config: JobConfig) -> DryRun:
     """Count what a run of ``config`` would do (no Ray, no weights); see the module docstring."""
     config = config.resolved()
-    storage = Storage.from_environment(config.storage_options)
+    storage = config.storage()
     layout = OutputLayout(config.output)
     manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
     committed = load_committed(layout, storage.options(layout.metadata)) if not config.overwrite else None

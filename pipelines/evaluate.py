@@ -146,7 +146,7 @@ def evaluate(
     """
     with tempfile.TemporaryDirectory(prefix="evf-eval-") as temp:
         job, chosen = _job_config(manifest, model, output, config, overrides, temp)
-        storage = Storage.from_environment(job.storage_options)
+        storage = job.storage()
         truth = read_ground_truth(job.manifest, storage, job.columns)  # fail early, before the model runs
         started = time.perf_counter()
         summary = run_job(job)

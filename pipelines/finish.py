@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from evf.io import encode_png, write_bytes
+from evf.retry import is_retryable
 from evf.segment import RawMasks, finish
 from pipelines.commit import JobOutput
 from pipelines.rows import ImageUnit, JobRow, units_from_table
@@ -74,7 +75,7 @@ def finish_batch(table: pa.Table, *, settings: FinishSettings) -> pa.Table:
 
     def write(item: _Finished) -> None:
         uri = item.metadata["mask_url"]
-        write_bytes(uri, item.png or b"", output.storage.options(uri))
+        write_bytes(uri, item.png or b"", output.storage.options(uri), output.storage.retry)
 
     t0 = time.perf_counter()
     outcomes = map_threads(write, writes, settings.io_threads)
@@ -83,7 +84,8 @@ def finish_batch(table: pa.Table, *, settings: FinishSettings) -> pa.Table:
         item.row.elapsed_ms += share
         item.metadata["elapsed_ms"] = item.row.elapsed_ms
         if isinstance(outcome, BaseException):
-            item.metadata = output.error_row(item.row, error_text(outcome, "mask write failed"))
+            text = error_text(outcome, "mask write failed")
+            item.metadata = output.error_row(item.row, text, is_retryable(outcome))
     rows = [item.metadata for item in finished]
     output.commit(rows)  # the commit: a failure here fails the task, the rows stay uncommitted
     result = pa.table([[r["id"] for r in rows], [r["status"] for r in rows]], schema=FINISHED_SCHEMA)

@@ -27,6 +27,7 @@ from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.predictor import CheckpointInfo, describe_checkpoint
+from evf.retry import call_with_retry
 from evf.storage import Storage, display_url, open_filesystem
 from pipelines.commit import JobOutput, OutputLayout, clear_outputs
 from pipelines.compact import AUTO_COMPACT_FILES, compact
@@ -117,14 +118,17 @@ def _cause(error: BaseException) -> str:
 
 
 def _describe_checkpoint(config: JobConfig, storage: Storage) -> CheckpointInfo:
-    """The checkpoint's preprocessing, read where the model will be read (on a cluster: a task)."""
+    """The checkpoint's preprocessing, with its weights file checked (``check_weights``: header and
+    size, no tensor read), where the model will be read: on a cluster in a task, else right here,
+    before Ray starts, so that a corrupt or unsafe checkpoint fails in seconds."""
+    options = storage.options(config.model)
+    if not config.ray.address:
+        return describe_checkpoint(config.model, config.inference.mode, options)  # CheckpointError: exit 2
     import ray
 
     try:
-        if config.ray.address:  # the model may only be reachable (or worth caching) on the cluster
-            task = ray.remote(num_cpus=min(0.25, config.cpu.num_cpus))(describe_checkpoint)
-            return ray.get(task.remote(config.model, config.inference.mode, storage.options(config.model)))
-        return describe_checkpoint(config.model, config.inference.mode, storage.options(config.model))
+        task = ray.remote(num_cpus=min(0.25, config.cpu.num_cpus))(describe_checkpoint)
+        return ray.get(task.remote(config.model, config.inference.mode, options))
     except Exception as error:
         raise JobError(f"cannot load model {display_url(config.model)!r}: {_cause(error)}") from None
 
@@ -167,12 +171,13 @@ def _run_pipeline(
     output: JobOutput,
     record: RunRecord,
     to_do: int,
+    checkpoint: CheckpointInfo | None,
 ) -> None:
-    """Read the checkpoint's preprocessing, run the stages, draw progress as rows commit."""
+    """Run the stages (``checkpoint``: None to read it on the cluster), draw progress as rows commit."""
     import ray
 
     record.reservations["cluster"] = _check_resources(config)
-    checkpoint = _describe_checkpoint(config, output.storage)
+    checkpoint = checkpoint or _describe_checkpoint(config, output.storage)
     record.model = {**asdict(checkpoint.preprocessor), "model_id": checkpoint.model_id}
     log.info(
         "Model %s: mode %s, SAM input %d px",
@@ -223,7 +228,7 @@ def run_job(config: JobConfig) -> JobSummary:
     config = config.resolved()
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
-    storage = Storage.from_environment(config.storage_options)
+    storage = config.storage()
     layout = OutputLayout(config.output)
     output = JobOutput(layout, storage, config.model, run_id)
     record = RunRecord(
@@ -248,7 +253,9 @@ def run_job(config: JobConfig) -> JobSummary:
             clear_outputs(layout, storage.options(layout.root))
             committed = Committed.empty()
         else:
-            committed = load_committed(layout, storage.options(layout.metadata))
+            committed = call_with_retry(
+                storage.retry, load_committed, layout, storage.options(layout.metadata)
+            )
     except (ManifestError, OSError) as error:
         raise JobError(str(error)) from None
     record.input_rows = manifest.num_rows
@@ -268,10 +275,11 @@ def run_job(config: JobConfig) -> JobSummary:
         record.skipped,
         to_do,
     )
+    checkpoint = None if config.ray.address or not to_do else _describe_checkpoint(config, storage)
     with _ray_session(config):
         try:
             if to_do:
-                _run_pipeline(config, manifest, settled, output, record, to_do)
+                _run_pipeline(config, manifest, settled, output, record, to_do, checkpoint)
         except (ConfigError, JobError) as error:
             record.failure = str(error)
             raise

@@ -214,7 +214,7 @@ def summarize_run(
     data = json.dumps(payload, indent=2, default=str).encode("utf-8")
     for uri in (layout.run_json(record.run_id), layout.job_json):  # the history first, then the latest
         try:
-            write_bytes(uri, data, storage.options(uri))
+            write_bytes(uri, data, storage.options(uri), storage.retry)
         except OSError as error:
             log.error("could not write %s: %s", uri, error)
     return summary
