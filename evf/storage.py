@@ -102,20 +102,25 @@ class Storage:
 
     ``explicit`` are the config's options; ``s3`` the same completed from the resolving process's
     AWS environment (so workers started before the variables were set still reach the right
-    endpoint); ``retry`` how transient faults are retried (``evf.retry``). ``options(uri)`` is what to
-    pass to any function of this module. Never printed.
+    endpoint); ``retry`` how transient faults are retried (``evf.retry``), ``commit_retry`` the same
+    for the writes that commit a job's rows (which hold on longer). ``options(uri)`` is what to pass
+    to any function of this module. Never printed.
     """
 
     explicit: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    commit_retry: RetryPolicy = DEFAULT_RETRY_POLICY
 
     @classmethod
     def from_environment(
-        cls, explicit: Mapping[str, Any] | None = None, retry: RetryPolicy = DEFAULT_RETRY_POLICY
+        cls,
+        explicit: Mapping[str, Any] | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        commit_retry: RetryPolicy = DEFAULT_RETRY_POLICY,
     ) -> Storage:
         explicit = dict(explicit or {})
-        return cls(explicit, storage_options_for("s3://bucket", explicit), retry)
+        return cls(explicit, storage_options_for("s3://bucket", explicit), retry, commit_retry)
 
     def options(self, uri: str) -> dict[str, Any]:
         if uri_protocol(uri) in _S3_PROTOCOLS:

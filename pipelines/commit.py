@@ -193,7 +193,7 @@ class JobOutput:
         their statuses (and ``extra_counts``, e.g. ``stale``) to the run's counters."""
         if rows:
             uri = self.layout.metadata_uri(str(r["id"]) for r in rows)
-            write_metadata(self.layout, rows, self.storage.options(uri), self.storage.retry)
+            write_metadata(self.layout, rows, self.storage.options(uri), self.storage.commit_retry)
         counts = {**Counter(str(r["status"]) for r in rows), **{k: v for k, v in extra_counts.items() if v}}
         if self.counters is not None and counts:
             self.counters.add.remote(counts)

@@ -9,6 +9,7 @@ keys come from the standard AWS environment variables (``AWS_ENDPOINT_URL``, ``A
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import os
 from collections.abc import Mapping
@@ -156,19 +157,25 @@ class CpuConfig(StrictModel):
 
 
 class RetriesConfig(StrictModel):
-    """How transient storage faults are retried (``evf.retry``): each whole read, write, commit or
-    listing up to ``attempts`` times, waits doubling from ``first_wait_s`` to ``max_wait_s`` plus
-    up to ``jitter_s`` of random jitter; each S3 request ``request_attempts`` times inside that. The
-    defaults ride out outages of ~50 s; a row that still fails is committed as a retryable error."""
+    """How transient storage faults are retried (``evf.retry``): each whole read, write or listing
+    up to ``attempts`` times, waits doubling from ``first_wait_s`` to ``max_wait_s`` plus up to
+    ``jitter_s`` of random jitter; each S3 request ``request_attempts`` times inside that. The
+    defaults ride out outages of ~50 s; a row whose image or mask still cannot be read or written is
+    committed as a retryable error. A commit (the metadata write) tries ``commit_attempts`` times:
+    giving up there fails the job, so it holds on longer (~5 minutes by default)."""
 
     attempts: int = Field(default=DEFAULT_RETRY_POLICY.attempts, ge=1)
+    commit_attempts: int = Field(default=20, ge=1)
     first_wait_s: float = Field(default=DEFAULT_RETRY_POLICY.first_wait_s, ge=0)
     max_wait_s: float = Field(default=DEFAULT_RETRY_POLICY.max_wait_s, ge=0)
     jitter_s: float = Field(default=DEFAULT_RETRY_POLICY.jitter_s, ge=0)
     request_attempts: int = Field(default=DEFAULT_RETRY_POLICY.request_attempts, ge=1)
 
     def policy(self) -> RetryPolicy:
-        return RetryPolicy(**self.model_dump())
+        return RetryPolicy(**self.model_dump(exclude={"commit_attempts"}))
+
+    def commit_policy(self) -> RetryPolicy:
+        return dataclasses.replace(self.policy(), attempts=self.commit_attempts)
 
 
 class GroundingConfig(StrictModel):
@@ -285,8 +292,10 @@ class JobConfig(StrictModel):
         )
 
     def storage(self) -> Storage:
-        """The job's storage options and retry policy, completed from this process's environment."""
-        return Storage.from_environment(self.storage_options, self.retries.policy())
+        """The job's storage options and retry policies, completed from this process's environment."""
+        return Storage.from_environment(
+            self.storage_options, self.retries.policy(), self.retries.commit_policy()
+        )
 
     def public_dict(self) -> dict[str, Any]:
         """The config as plain data, safe to log and store (no credential, no password in a URL)."""
