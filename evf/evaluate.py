@@ -186,9 +186,8 @@ def read_ground_truth(manifest: str, storage_options: Any = None) -> dict[str, t
     ``storage_options``: a mapping, or a callable ``uri -> options`` (as ``pipelines.stages.Storage``).
     Raises ``EvalError`` when a file has no ``mask_url`` column or a row has no ground truth.
     """
-    import pyarrow.parquet as pq
-
     from evf.io import open_filesystem
+    from evf.parquet import read_parquet
     from pipelines.manifest import ManifestError, display_url, resolve_image_url, row_id, scan_manifest
 
     def options(uri: str) -> Any:
@@ -205,7 +204,7 @@ def read_ground_truth(manifest: str, storage_options: Any = None) -> dict[str, t
         wanted = [c for c in GT_COLUMNS if c in file.columns]
         fs, path = open_filesystem(file.uri, options(file.uri))
         with fs.open(path, "rb") as handle:
-            columns = pq.read_table(handle, columns=wanted).to_pydict()
+            columns = read_parquet(handle, wanted).to_pydict()
         nothing = [None] * file.num_rows
         for index in range(file.num_rows):
             rid = row_id(columns.get("id", nothing)[index], file.name, index)
