@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from evf.parquet import open_parquet
 from evf.storage import display_url, join_uri, open_filesystem, uri_protocol
 
 __all__ = [
@@ -209,7 +210,7 @@ def scan_manifest(
         shown = display_url(_file_uri(fs, path))
         try:
             with fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+                parquet = open_parquet(handle)
                 own = tuple(parquet.schema_arrow.names)
                 renamed = tuple((ours, theirs) for ours, theirs in mapping.items() if theirs in own)
                 taken = {theirs for _, theirs in renamed}
@@ -225,7 +226,11 @@ def scan_manifest(
                 metadata = parquet.metadata
                 row_groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
                 id_name = dict(renamed).get(ID_COLUMN, ID_COLUMN)
-                id_column = parquet.read(columns=[id_name]).column(0) if ID_COLUMN in columns else None
+                id_column = (
+                    parquet.read(columns=[id_name], use_threads=False).column(0)
+                    if ID_COLUMN in columns
+                    else None
+                )
         except ManifestError:
             raise
         except Exception as error:
@@ -276,7 +281,7 @@ def read_rows(
     columns = [c for c in columns if c in file.columns]
     sources = [file.source_column(c) for c in columns]
     with fs.open(path, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        parquet = open_parquet(handle)
         offset = 0
         for group, count in enumerate(file.row_groups):
             begin, end = offset, offset + count
@@ -285,7 +290,7 @@ def read_rows(
                 continue
             lo, hi = max(start, begin) - begin, min(stop, end) - begin
             try:
-                table = parquet.read_row_group(group, columns=sources).slice(lo, hi - lo)
+                table = parquet.read_row_group(group, columns=sources, use_threads=False).slice(lo, hi - lo)
                 table = table.rename_columns(columns)
             except Exception as error:
                 yield from _unreadable_rows(parquet, group, file, begin + lo, begin + hi, error)
@@ -330,7 +335,8 @@ def _unreadable_rows(
     if ID_COLUMN in file.columns:  # the id column was readable when the manifest was scanned
         with contextlib.suppress(Exception):
             group_start = sum(file.row_groups[:group])
-            column = parquet.read_row_group(group, columns=[file.source_column(ID_COLUMN)]).column(0)
+            source = [file.source_column(ID_COLUMN)]
+            column = parquet.read_row_group(group, columns=source, use_threads=False).column(0)
             ids = column.slice(first - group_start, stop - first).to_pylist()
     for index, value in enumerate(ids):
         yield {ID_COLUMN: value, "_row": first + index, ROW_ERROR: message}

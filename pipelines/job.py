@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
+from evf.parquet import read_parquet
 from evf.predictor import CheckpointInfo, describe_checkpoint
 from evf.retry import call_with_retry
 from evf.storage import Storage, display_url, open_filesystem
@@ -136,7 +137,6 @@ def _describe_checkpoint(config: JobConfig, storage: Storage) -> CheckpointInfo:
 def _asks_for_semantic(config: JobConfig, manifest: Manifest, storage: Storage) -> bool:
     """True when the job default or any manifest row sets ``semantic_type`` (reads that column only)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if config.defaults.get("semantic_type"):
         return True
@@ -145,7 +145,7 @@ def _asks_for_semantic(config: JobConfig, manifest: Manifest, storage: Storage) 
             continue
         fs, path = open_filesystem(file.uri, storage.options(file.uri))
         with fs.open(path, "rb") as handle:
-            column = pq.read_table(handle, columns=[file.source_column("semantic_type")]).column(0)
+            column = read_parquet(handle, [file.source_column("semantic_type")]).column(0)
         if pc.any(pc.equal(column.cast("bool"), True)).as_py():
             return True
     return False

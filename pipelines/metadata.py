@@ -20,8 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from evf.parquet import open_parquet
 from evf.storage import open_filesystem
 from pipelines.commit import METADATA_SCHEMA, OutputLayout
 from pipelines.workers import map_threads
@@ -81,10 +81,9 @@ def read_metadata_files(
 
     def read(path: str) -> pa.Table:
         with fs.open(path, "rb") as handle:
-            present = set(pq.ParquetFile(handle).schema_arrow.names)
-            handle.seek(0)
-            wanted = [c for c in schema.names if c in present]
-            return conform_metadata(pq.read_table(handle, columns=wanted, use_threads=False), schema)
+            parquet = open_parquet(handle)
+            wanted = [c for c in schema.names if c in parquet.schema_arrow.names]
+            return conform_metadata(parquet.read(columns=wanted, use_threads=False), schema)
 
     tables = map_threads(read, paths, threads)
     for path, table in zip(paths, tables, strict=True):
