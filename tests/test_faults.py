@@ -54,6 +54,7 @@ def _exactly_once(output: str, options: dict[str, Any], ids: list[str]) -> list[
     rows = read_metadata(output, options).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(ids)
     fs, path = fsspec.core.url_to_fs(f"{output}/metadata", **options)
+    fs.invalidate_cache()  # this test process listed metadata/ while the job wrote it
     raw = ds.dataset(path, filesystem=fs, format="parquet").to_table(columns=["id"])["id"].to_pylist()
     assert set(raw) == set(ids)
     return rows
