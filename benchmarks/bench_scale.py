@@ -32,8 +32,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from common import FIXTURE_CHECKPOINT  # noqa: E402
 
-FIXTURE = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
+FIXTURE = FIXTURE_CHECKPOINT
 NEW_ROWS = 100
 ROWS_PER_COMMIT = 32
 IMAGES = 4

@@ -33,6 +33,17 @@ def _evf(argv: list[str], env: dict[str, str], cwd: Path, **kwargs: Any) -> subp
     return subprocess.Popen([sys.executable, "-m", "evf.cli", *argv], cwd=cwd, env=env, **kwargs)
 
 
+def _evf_done(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evf.cli", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def _s3_dataset(bucket: str, options: dict[str, Any], tmp_path: Path, scenes: int) -> tuple[str, list[str]]:
     data = tmp_path / "data"
     write_dataset(21, scenes, str(data), expressions_per_scene=2)
@@ -121,14 +132,7 @@ def test_a_longer_outage_leaves_retryable_rows_that_the_next_run_completes(proxi
         assert code == 0, text[-3000:]
     assert all(r["status"] != "error" or r["retryable"] for r in rows)
 
-    again = subprocess.run(
-        [sys.executable, "-m", "evf.cli", *argv],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _evf_done(argv, env, tmp_path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     rows = _exactly_once(output, options, ids)
     assert all(r["status"] in ("ok", "empty") for r in rows)
@@ -159,14 +163,7 @@ def test_killing_the_driver_and_rerunning_at_once_commits_every_row_once(tmp_pat
             assert time.monotonic() < deadline
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)  # its Ray workers live on for a moment and may still commit
-    again = subprocess.run(
-        [sys.executable, "-m", "evf.cli", *argv],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _evf_done(argv, env, tmp_path)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(first.pid, signal.SIGKILL)  # what is left of the first run's Ray
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]

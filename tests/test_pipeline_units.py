@@ -309,9 +309,7 @@ def test_decode_stage_reads_each_image_once_per_batch(tmp_path, checkpoint, monk
     import pipelines.decode as decode
 
     real_read = decode.read_bytes
-    monkeypatch.setattr(
-        decode, "read_bytes", lambda url, *args: reads.append(url) or real_read(url, *args)
-    )
+    monkeypatch.setattr(decode, "read_bytes", lambda url, *args: reads.append(url) or real_read(url, *args))
     units = units_from_table(decode_batch(to_do, settings=DecodeSettings(output, checkpoint.preprocessor)))
     assert sorted(reads) == sorted(str(tmp_path / "images" / n) for n in ("a.png", "b.png", "text.png"))
     by_image = {frozenset(r.id for r in u.rows): u for u in units}
