@@ -34,7 +34,7 @@ from evf.synthetic import write_dataset
 from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from pipelines.job import run_job
 from pipelines.metadata import read_metadata
-from pipelines.summary import JobSummary
+from pipelines.summary import JobSummary, format_summary
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -413,6 +413,16 @@ def test_local_bad_rows_all_accounted_for(ray_session, tmp_path):
     assert summary.error == len(errors), "exactly the bad rows fail"
     assert summary.ok + summary.empty == len(ids) - len(errors)
     assert summary.this_run == summary.counts and summary.skipped == 0
+    # The summary groups the error rows by kind, with counts and the first ids, and says where the rest is.
+    kinds = {kind.kind: kind for kind in summary.error_kinds}
+    assert sum(kind.rows for kind in kinds.values()) == len(errors)
+    assert kinds["image read failed: ImageReadError"].rows == 2
+    assert set(kinds["image read failed: ImageReadError"].first_ids) == {"bad-missing-1", "bad-missing-2"}
+    assert kinds["invalid request"].rows == 5 and not kinds["invalid request"].retryable
+    table = format_summary(summary)
+    assert "image read failed: ImageReadError (bad-missing" in table and "evf review OUTPUT" in table
+    record = json.loads((tmp_path / "out" / "_job.json").read_text())
+    assert sum(kind["rows"] for kind in record["error_kinds"]) == len(errors)
 
 
 # --------------------------------------------------------------------------------------------------
