@@ -19,8 +19,9 @@ from evf.synthetic import generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
 from evf.training import TrainConfig, build_tokenizer, train
 from evf.training.data import ManifestImages, StepBatches, phrase_mask, scene_targets
+from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
 from evf.training.tokenizer import tokenizer_files
-from evf.training.trainer import LOG_FILE, STATE_FILE, Trainer
+from evf.training.trainer import LOG_FILE, STATE_FILE, Trainer, lr_factor
 
 FIXTURE_CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 REPO = Path(__file__).resolve().parent.parent
@@ -180,6 +181,65 @@ def test_new_model_image_encoder_tells_positions_apart(tmp_path: Path) -> None:
         vectors = table.detach()[0].flatten(1).T  # (positions, channels)
         distances = torch.cdist(vectors, vectors) + torch.eye(len(vectors)) * 1e3
         assert distances.min() > 0.1
+
+
+def attention_layers(model: torch.nn.Module) -> list[AttentionWeights]:
+    return [*hiera_attention(model), *beit3_attention(model)]
+
+
+def test_mimetic_init_gives_attention_the_intended_structure(tmp_path: Path) -> None:
+    """Per head, W_q^T W_k ~ 0.7 Z + 0.7 I (its best rank-head_dim approximation where a head is
+    narrower than its input), zero query/key biases, and W_v^T W_o^T ~ 0.4 Z - 0.4 I where the value
+    path keeps the width; a new model without ``init.mimetic_attention`` has none of it."""
+    init = {"mimetic_attention": ["image_encoder", "beit3"]}
+    mimetic = Trainer(
+        TrainConfig.from_yaml(write_config(tmp_path / "m.yaml", tiny_config(tmp_path, init=init)))
+    )
+    default = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "d.yaml", tiny_config(tmp_path / "d"))))
+    full_rank_heads = 0
+    for layer in attention_layers(mimetic.model):
+        for query, key, query_bias, key_bias in zip(
+            layer.query, layer.key, layer.query_bias, layer.key_bias, strict=True
+        ):
+            head_dim, in_dim = query.shape
+            product = query.detach().T @ key.detach()
+            diagonal = float(product.diagonal().mean())
+            off_diagonal = float((product - torch.diag(product.diagonal())).abs().mean())
+            if head_dim == in_dim:
+                full_rank_heads += 1
+                assert diagonal == pytest.approx(0.7, abs=0.25)
+            assert diagonal > 0.35 * head_dim / in_dim, (head_dim, in_dim, diagonal)
+            assert off_diagonal < 0.4 * diagonal
+            assert not query_bias.any() and not key_bias.any()
+        value = torch.cat(layer.value).detach()
+        if value.shape[0] == value.shape[1]:
+            value_output = value.T @ layer.output.detach().T
+            assert float(value_output.diagonal().mean()) == pytest.approx(-0.4, abs=0.15)
+    assert full_rank_heads >= 2
+    for layer in attention_layers(default.model):
+        for query, key in zip(layer.query, layer.key, strict=True):
+            assert abs(float((query.detach().T @ key.detach()).diagonal().mean())) < 0.05
+
+    config = tiny_config(tmp_path / "ft", model=None, init_from=str(FIXTURE_CHECKPOINT), init=init)
+    with pytest.raises(ConfigError, match="initialises a new model"):
+        TrainConfig.from_yaml(write_config(tmp_path / "ft.yaml", config))
+
+
+def test_optimizer_decays_matrices_only_and_warms_up_then_decays(tmp_path: Path) -> None:
+    optimizer = {**tiny_config(tmp_path)["optimizer"], "weight_decay": 0.05}
+    config = tiny_config(tmp_path, steps=1, optimizer=optimizer)
+    trainer = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "c.yaml", config)))
+    decayed = {
+        p.ndim >= 2 for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]
+    }
+    kept = {
+        p.ndim >= 2 for g in trainer.optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]
+    }
+    assert decayed == {True} and kept == {False}
+    assert lr_factor(0, warmup_steps=100, total_steps=1000, min_ratio=0.02) == pytest.approx(0.01)
+    assert lr_factor(99, 100, 1000, 0.02) == pytest.approx(1.0)
+    assert lr_factor(550, 100, 1000, 0.02) == pytest.approx(0.51)
+    assert lr_factor(1000, 100, 1000, 0.02) == pytest.approx(0.02)
 
 
 # ----------------------------------------------------------------------------- data

@@ -84,6 +84,20 @@ class OptimizerSpec(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
+class InitSpec(StrictModel):
+    """How a new model's weights start, beyond what ``evf train`` always does (sine-cosine Hiera
+    positions, a scale-keeping projector): see ``evf.training.init``.
+
+    mimetic_attention: parts whose self-attention gets the mimetic initialisation: per head
+        ``W_q^T W_k ~ mimetic_qk[0] Z + mimetic_qk[1] I`` (query/key biases 0) and
+        ``W_v^T W_o^T ~ mimetic_vo[0] Z - mimetic_vo[1] I`` where the value path keeps the width.
+    """
+
+    mimetic_attention: list[Literal["image_encoder", "beit3"]] = Field(default_factory=list)
+    mimetic_qk: tuple[float, float] = (0.7, 0.7)
+    mimetic_vo: tuple[float, float] = (0.4, 0.4)
+
+
 class LossSpec(StrictModel):
     """Weights of the loss terms (see ``evf.training.losses``)."""
 
@@ -108,6 +122,7 @@ class TrainConfig(StrictModel):
     data: DataSpec
     train: list[Part] = Field(default_factory=lambda: list(ALL_PARTS), min_length=1)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    init: InitSpec = Field(default_factory=InitSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="images per step; each brings up to prompts_per_image prompts")
@@ -144,6 +159,10 @@ class TrainConfig(StrictModel):
     def _model_or_checkpoint(self) -> TrainConfig:
         if (self.model is None) == (self.init_from is None):
             raise ValueError("set exactly one of model (a new model) and init_from (a checkpoint)")
+        if self.init_from is not None and self.init.mimetic_attention:
+            raise ValueError(
+                "init.mimetic_attention initialises a new model; init_from loads trained weights"
+            )
         untrained = sorted(set(self.optimizer.lr_scale) - set(self.train))
         if untrained:
             raise ValueError(f"optimizer.lr_scale names parts that are not trained: {', '.join(untrained)}")

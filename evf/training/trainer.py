@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -45,6 +45,13 @@ from evf.training.data import (
     SyntheticScenes,
     TrainDataset,
     TrainSample,
+)
+from evf.training.init import (
+    beit3_attention,
+    hiera_attention,
+    init_image_encoder_positions,
+    init_projector,
+    mimetic_init,
 )
 from evf.training.losses import mask_losses
 from evf.training.tokenizer import build_tokenizer, embedding_rows
@@ -101,43 +108,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def init_projector(model: EvfSam2Model) -> None:
-    """Initialise a new model's projector (Linear-ReLU-Linear) to keep the CLS token's scale.
-
-    SAM 2's decoder tokens start at unit scale per dimension. With PyTorch's default init the
-    projector shrinks BEiT-3's layer-normalised CLS token about 20x, the decoder first learns to
-    segment without looking at the prompt and then stays there. He-normal weights and zero biases
-    keep the prompt token at the decoder's scale, so the prompt is used from the first steps.
-    """
-    for layer in model.text_hidden_fcs[0]:
-        if isinstance(layer, nn.Linear):
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
-
-
-def sine_cosine_table(dim: int, height: int, width: int) -> Tensor:
-    """(1, dim, height, width) 2-D sine-cosine positions: a quarter of the channels each holds
-    sin(y f), cos(y f), sin(x f), cos(x f) over geometric frequencies f; leftover channels are 0."""
-    quarter = dim // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    parts = [f(pos[None] * freq[:, None, None]) for pos in (ys, xs) for f in (torch.sin, torch.cos)]
-    return torch.cat([*parts, torch.zeros(dim - 4 * quarter, height, width)])[None]
-
-
-@torch.no_grad()
-def init_image_encoder_positions(model: EvfSam2Model) -> None:
-    """Give a new model's Hiera trunk sine-cosine positional embeddings.
-
-    sam2 creates ``pos_embed`` (background, interpolated to the feature size) and
-    ``pos_embed_window`` (tiled over the windows) as zeros, since they always come from a
-    checkpoint. Left at zero, attention inside a window cannot tell where its tokens are, and the
-    frozen random encoder's features carry no position for the decoder's prompt token to gather.
-    """
-    trunk = model.visual_model.image_encoder.trunk
-    for param in (trunk.pos_embed, trunk.pos_embed_window):
-        param.copy_(sine_cosine_table(*param.shape[1:]))
+def decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float) -> list[dict]:
+    """Two optimiser parameter groups at ``lr``: matrices, convolution kernels and embeddings with
+    ``weight_decay``; biases and norm scales (1-D) without, since decaying them only shifts or
+    shrinks activations."""
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+    ]
 
 
 def make_source(data: DataSpec) -> ImageSource:
@@ -201,6 +179,11 @@ class Trainer:
         model = EvfSam2Model(config, device=self.device)
         init_projector(model)
         init_image_encoder_positions(model)
+        init = self.config.init
+        layers = {"image_encoder": hiera_attention, "beit3": beit3_attention}
+        for part in init.mimetic_attention:
+            for attention in layers[part](model):
+                mimetic_init(attention, init.mimetic_qk, init.mimetic_vo)
         return model
 
     def _set_trainable(self, parts: list[Part]) -> dict[Part, list[nn.Parameter]]:
@@ -217,15 +200,11 @@ class Trainer:
         """AdamW; weight decay on matrices and embeddings only (not on biases and norm scales);
         each part's learning rate is ``lr`` times its ``lr_scale`` (1 when not listed)."""
         opt = self.config.optimizer
-        groups = []
-        for part, params in self.trainable_by_part.items():
-            lr = opt.lr * opt.lr_scale.get(part, 1.0)
-            decay = [p for p in params if p.ndim >= 2]
-            no_decay = [p for p in params if p.ndim < 2]
-            groups += [
-                {"params": decay, "weight_decay": opt.weight_decay, "lr": lr},
-                {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-            ]
+        groups = [
+            group
+            for part, params in self.trainable_by_part.items()
+            for group in decay_groups(params, opt.weight_decay, opt.lr * opt.lr_scale.get(part, 1.0))
+        ]
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
 
     # -- checkpoints --------------------------------------------------------------------------
