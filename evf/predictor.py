@@ -29,6 +29,7 @@ from evf.io import ImageLike, as_rgb_array
 from evf.model.checkpoint import DEMO_MODEL_ID, check_weights, load_model, resolve_checkpoint
 from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
+from evf.model.hardware import compile_encoders, resolve_dtype
 from evf.tokenizer import EvfTokenizer
 from evf.transforms import PreparedImage, Preprocessor, normalize_sam
 
@@ -174,7 +175,7 @@ class EvfSam2Predictor:
         cls,
         path_or_uri: str | Path = DEMO_MODEL_ID,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         mode: str | None = None,
         *,
         autocast: bool = True,
@@ -184,25 +185,44 @@ class EvfSam2Predictor:
     ) -> EvfSam2Predictor:
         """Load a checkpoint: a folder, an fsspec URI, a Hub id, or ``"evf-sam2-demo"``.
 
-        ``compile`` wraps the image encoder and BEiT-3 in ``torch.compile`` (CUDA: worth it for
-        long jobs; the first batches are slow while it compiles).
+        ``dtype``: a ``torch.dtype``, a name (``"bfloat16"``) or ``"auto"`` (bfloat16 where the
+        hardware runs it natively, float32 elsewhere; see ``evf.model.hardware``). The default
+        float32 is the exact reference path.
+
+        ``compile`` wraps the image encoder and BEiT-3 in ``torch.compile`` (inductor, CPU or CUDA)
+        with the compiled graphs cached on disk (``evf.model.hardware.compile_cache_dir``), and
+        compiles them here with ``warm_up`` so that the first real batch runs at full speed.
         """
         check_device(device)
+        compute_dtype = resolve_dtype(dtype, device)
         folder = resolve_checkpoint(path_or_uri, storage_options, cache_dir)
         model = load_model(folder, device)
         if compile:
-            model.visual_model.image_encoder = torch.compile(model.visual_model.image_encoder, dynamic=False)
-            model.mm_extractor["beit3"] = torch.compile(model.mm_extractor["beit3"], dynamic=True)
-        tokenizer = EvfTokenizer.from_folder(folder)
-        return cls(
+            compile_encoders(model)
+        predictor = cls(
             model,
-            tokenizer,
+            EvfTokenizer.from_folder(folder),
             mode=mode,
             device=device,
-            dtype=dtype,
+            dtype=compute_dtype,
             autocast=autocast,
             model_id=str(path_or_uri),
         )
+        if compile:
+            predictor.warm_up()
+        return predictor
+
+    def warm_up(self, images: int = 1, prompts_per_image: tuple[int, ...] = (2, 1)) -> None:
+        """Run dummy batches so that ``torch.compile`` compiles (or loads from its cache) now.
+
+        Covers ``images`` images per call and each count of prompts per image in
+        ``prompts_per_image`` (BEiT-3 is compiled with dynamic shapes; a single prompt is a
+        specialised shape of its own). Other image counts compile on first use.
+        """
+        blank = np.zeros((64, 64, 3), np.uint8)
+        prepared = [self.prepare_image(blank)] * images
+        for count in prompts_per_image:
+            self.predict_batch(prepared, [["warm up"] * count] * images)
 
     @property
     def supports_semantic(self) -> bool:

@@ -105,7 +105,11 @@ class InferenceConfig(StrictModel):
     device: str = Field(
         default="auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda'."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Compute dtype. auto: bfloat16 where the device runs it natively (CPU with AMX or "
+        "AVX-512-BF16, CUDA compute capability 8.0+), float32 elsewhere; logged at start-up.",
+    )
     mode: Literal["multitask", "legacy"] | None = Field(
         default=None, description="Inference path; null follows the checkpoint."
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from evf.request import OPTION_DEFAULTS
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # as evf.model.hardware.DTYPE_NAMES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(YxZhang/evf-sam2-multitask) or evf-sam2-demo (the shipped synthetic-shapes model; default)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="compute dtype; auto: bfloat16 where the CPU/GPU runs it natively (AMX, AVX-512-BF16, "
+        "CUDA sm80+), else float32 (default: auto)",
+    )
     parser.add_argument(
         "--mode",
         default=None,
@@ -72,13 +78,9 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_predictor(args: argparse.Namespace) -> Any:
-    import torch
-
     from evf.predictor import EvfSam2Predictor
 
-    return EvfSam2Predictor.from_pretrained(
-        args.model, device=args.device, dtype=getattr(torch, args.dtype), mode=args.mode
-    )
+    return EvfSam2Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
 
 
 def command(args: argparse.Namespace) -> int:
