@@ -149,7 +149,7 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    predictor = EvfSam2Predictor.from_pretrained(model)
+    predictor = EvfSam2Predictor.from_pretrained(model, dtype="auto")  # as the job (inference.dtype: auto)
     rows = pq.read_table(manifest).to_pylist()
     metadata = []
     for begin in range(0, len(rows), rows_per_batch):

@@ -70,7 +70,7 @@ class InferenceStage:
         self.predictor = EvfSam2Predictor.from_pretrained(
             settings.model,
             settings.device,
-            getattr(torch, settings.dtype),
+            settings.dtype,
             settings.mode,
             compile=settings.compile,
             storage_options=settings.storage.options(settings.model),

@@ -39,7 +39,14 @@ from pipelines.summary import JobSummary, format_summary
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 SAMPLE = REPO / "examples" / "sample" / "manifest.parquet"
-FAST = {"progress": False, "cpu.batch_size": 16, "inference.batch_size": 4, "model": str(TINY)}
+# float32: the job's masks are compared with the in-process float32 predictor's
+FAST = {
+    "progress": False,
+    "cpu.batch_size": 16,
+    "inference.batch_size": 4,
+    "inference.dtype": "float32",
+    "model": str(TINY),
+}
 
 
 def job(manifest: str, output: str, **overrides: Any):
@@ -263,7 +270,9 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
     handlers, level = list(root.handlers), root.level
     os.chdir(elsewhere)
     try:
-        code = main(["run", "--model", str(TINY), "--output", str(output), "--no-progress"])
+        # float32, as the reference predictor below (the default, dtype auto, picks bf16 on AMX CPUs)
+        argv = ["run", "--model", str(TINY), "--output", str(output), "--no-progress"]
+        code = main([*argv, "--set", "inference.dtype=float32"])
     finally:
         os.chdir(cwd)
         for handler in root.handlers[:]:  # main() configured logging onto pytest's capture stream

@@ -48,7 +48,13 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 # Small batches: the rows span two decode tasks and several model calls.
-FAST = {"progress": False, "cpu.batch_size": 5, "inference.batch_size": 2, "model": str(TINY)}
+FAST = {
+    "progress": False,
+    "cpu.batch_size": 5,
+    "inference.batch_size": 2,
+    "inference.dtype": "float32",  # the job's masks are compared with a float32 predictor's
+    "model": str(TINY),
+}
 
 Row = tuple[str, str, str, dict[str, Any]]  # (id, image, prompt, options); "g*" rows use GroundingDINO
 GD = {"use_grounding_dino": True}
