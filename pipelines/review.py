@@ -47,7 +47,7 @@ PAGE_SIZE = 200
 HISTOGRAM_BINS = 20
 MASK_FILL_RGB = (255, 0, 200)
 GROUND_TRUTH_RGB = (0, 255, 255)
-ROW_COLUMNS = ("id", "thumb", "prompt", "negative_prompt", "status", "score", "area", "error")
+ROW_COLUMNS = ("id", "thumb", "prompt", "negative_prompt", "status", "score", "area", "error", "reason")
 
 
 def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -168,6 +168,7 @@ def review_rows(rows: Sequence[Mapping[str, Any]], thumbs: Mapping[str, str]) ->
             _plain_score(row["score"]),
             row["area"],
             row["error"],
+            row.get("reason"),
         ]
         for row in rows
     ]
