@@ -12,8 +12,10 @@ alternating which goes first, so a busy machine slows them alike):
 
 - ``probe``: the probe's original optimiser: AdamW at a constant lr 2e-3, weight decay 0.01 on
   every parameter, no warm-up, no clipping, PyTorch's default init;
-- ``optimiser``: the ``evf train`` recipe (configs/train-demo.yaml): AdamW lr 1e-3, 100 warm-up
-  steps, cosine decay to 2 %, gradient clip 1.0, weight decay 0.05 on matrices only;
+- ``optimiser``: ``evf train``'s optimiser (``lr_factor``, ``decay_groups``) with issue 15's
+  settings: AdamW lr 1e-3 (default betas), 100 warm-up steps, cosine decay to 2 %, gradient clip
+  1.0, weight decay 0.05 on matrices only (configs/train-demo.yaml: the same but 200 warm-up steps
+  and betas 0.9/0.98);
 - ``mimetic``: the probe optimiser with the mimetic attention initialisation
   (``evf.training.init``; ``init.mimetic_attention: [image_encoder]`` in a training config);
 - ``both``: the recipe optimiser and the mimetic initialisation;
