@@ -217,6 +217,20 @@ def _compact_if_many(layout: OutputLayout, storage: Storage) -> None:
         log.info("Compacted %d commit file(s) into %d", done.files_read, done.files_written)
 
 
+def _scan(config: JobConfig, storage: Storage, layout: OutputLayout) -> tuple[Manifest, Committed]:
+    """The manifest's files and ids, and what the output has committed (``--overwrite``: cleared)."""
+    try:
+        manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
+        if config.overwrite:
+            log.info("--overwrite: deleting previous metadata/, masks/ and _job.json under the output")
+            clear_outputs(layout, storage.options(layout.root))
+            return manifest, Committed.empty()
+        options = storage.options(layout.metadata)
+        return manifest, call_with_retry(storage.retry, load_committed, layout, options)
+    except (ManifestError, OSError) as error:
+        raise JobError(str(error)) from None
+
+
 def run_job(config: JobConfig) -> JobSummary:
     """Run a segmentation job to completion and return its summary.
 
@@ -246,18 +260,7 @@ def run_job(config: JobConfig) -> JobSummary:
     log.info(
         "Run %s: manifest %s -> output %s", run_id, display_url(config.manifest), display_url(config.output)
     )
-    try:
-        manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
-        if config.overwrite:
-            log.info("--overwrite: deleting previous metadata/, masks/ and _job.json under the output")
-            clear_outputs(layout, storage.options(layout.root))
-            committed = Committed.empty()
-        else:
-            committed = call_with_retry(
-                storage.retry, load_committed, layout, storage.options(layout.metadata)
-            )
-    except (ManifestError, OSError) as error:
-        raise JobError(str(error)) from None
+    manifest, committed = _scan(config, storage, layout)
     record.input_rows = manifest.num_rows
     settled = committed.settled(config.retry_errors)
     record.skipped = int(pc.sum(settled.contains(manifest.ids)).as_py() or 0)
