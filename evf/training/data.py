@@ -161,14 +161,13 @@ class ManifestImages:
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        import pyarrow.parquet as pq
-
         from evf.io import open_filesystem
+        from evf.parquet import read_parquet
 
         self.storage_options = dict(storage_options or {})
         fs, path = open_filesystem(uri, self.storage_options)
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+            table = read_parquet(f)
         missing = [c for c in ("image_url", "prompt", "mask_url") if c not in table.column_names]
         if missing:
             raise ValueError(f"manifest {uri!r} lacks the columns {missing}")
