@@ -344,10 +344,10 @@ class EvfSam2Predictor:
         hw = torch.tensor(sizes, dtype=torch.float, device=self.device)  # (N, 2) = (H, W)
         coords = torch.stack([coords[..., 0] / hw[:, 1:2], coords[..., 1] / hw[:, 0:1]], dim=-1) * size
         labels = torch.tensor([_BOX_CORNER_LABELS], dtype=torch.int, device=self.device).repeat(len(rows), 1)
-        # A model cast to half precision (autocast off) has a half Fourier matrix that the prompt
-        # encoder multiplies with float32 coordinates: run that small step under autocast.
-        half_weights = self.dtype != torch.float32 and not self.use_autocast
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=half_weights):
+        # Half-precision weights (with autocast or without) give a half Fourier matrix that the prompt
+        # encoder multiplies with float32 coordinates: that step runs under autocast either way (an
+        # inner autocast(enabled=False) would switch the caller's off).
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             encoder = self.model.visual_model.sam_prompt_encoder
             sparse, _ = encoder(points=(coords, labels), boxes=None, masks=None)
         embeddings = embedded.embeddings

@@ -370,3 +370,10 @@ def test_missing_detector_and_lazy_loading(
     assert load_detector(str(dino_dir), predictor.device) is load_detector(str(dino_dir), predictor.device)
     assert load_detector(str(dino_dir), predictor.device).box_threshold == 0.35
     assert first.instances is not None
+
+
+def test_box_path_runs_in_half_precision_under_autocast(images: list[np.ndarray]) -> None:
+    """bfloat16 with autocast (what dtype auto picks on bf16 hardware) on the box path too."""
+    half = EvfSam2Predictor.from_pretrained(EVF_CHECKPOINT, dtype=torch.bfloat16)
+    result = half.predict_boxes(half.embed_images(images[:1]), [(0, np.array([[10, 10, 80, 70]]))])[0]
+    assert result.masks.shape == (1, 90, 140) and np.isfinite(result.scores).all()
