@@ -8,8 +8,8 @@ elsewhere:
   and later), which oneDNN uses for bf16 matmuls, convolutions and attention (measured on a 2-core
   AVX-512-BF16 machine: a bf16 matmul runs ~3.8x the float32 one, see benchmarks/README.md).
 
-bf16 runs under ``torch.autocast`` with bf16 weights (see ``EvfSam2Predictor``); masks agree with
-float32 at IoU ~0.99 on the real architecture (``benchmarks/bench_real_size.py``).
+bf16 runs under ``torch.autocast`` with bf16 weights (see ``EvfSam2Predictor``); its speed and mask
+agreement with float32 on the real architecture are measured by ``benchmarks/bench_real_size.py``.
 """
 
 from __future__ import annotations
