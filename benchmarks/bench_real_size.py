@@ -96,6 +96,7 @@ class Variant:
     predictor: EvfSam2Predictor
     seconds: list[float] = field(default_factory=list)  # per image
     masks: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # predicted IoU of the chosen mask
     peak_bytes: int = 0
 
 
@@ -134,7 +135,7 @@ def measure(
 ) -> None:
     """Alternate the variants call by call (order rotated each call) over the same inputs."""
     for v in variants:
-        v.seconds, v.masks, v.peak_bytes = [], [], 0
+        v.seconds, v.masks, v.scores, v.peak_bytes = [], [], [], 0
         run_once(v, [data[0][0]] * per_call, [data[0][1][:prompts]] * per_call)  # warm-up, untimed
         v.seconds = []
     for call, begin in enumerate(range(0, len(data) - per_call + 1, per_call)):
@@ -142,7 +143,13 @@ def measure(
         images, texts = [im for im, _ in chunk], [p[:prompts] for _, p in chunk]
         order = variants[call % len(variants) :] + variants[: call % len(variants)]
         for v in order:
-            v.masks += [p.mask for p in run_once(v, images, texts)]
+            predictions = run_once(v, images, texts)
+            v.masks += [p.mask for p in predictions]
+            v.scores += [p.score for p in predictions]
+        print(
+            f"    call {call + 1}: " + ", ".join(f"{v.name} {v.seconds[-1]:.2f} s/image" for v in variants),
+            flush=True,
+        )
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -203,6 +210,15 @@ def report(
             f"{v.name:<14}{medians[v.name]:>9.3f}{1 / medians[v.name]:>10.2f}"
             f"{medians[v.name] / medians[reference.name]:>9.3f}{achieved:>9.2f}{of_peak:>9}"
             f"{statistics.mean(ious):>10.4f}{min(ious):>9.4f}{memory:>13}"
+        )
+    for v in variants[1:]:  # the disagreements: IoU, and the predicted IoU each side gave its mask
+        worst = sorted(
+            zip(v.masks, reference.masks, v.scores, reference.scores, strict=True),
+            key=lambda m: iou(m[0], m[1]),
+        )[:3]
+        print(
+            f"  {v.name} lowest IoUs (IoU, predicted IoU {v.name} / fp32, mask px {v.name} / fp32): "
+            + "; ".join(f"{iou(a, b):.3f} ({sa:.3f}/{sb:.3f}, {a.sum()}/{b.sum()})" for a, b, sa, sb in worst)
         )
     return medians
 

@@ -169,6 +169,9 @@ class EvfSam2Predictor:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.is_demo_model = model_id == DEMO_MODEL_ID
+        # Compiled BEiT-3 sees one graph per input structure: always passing the padding mask for
+        # several prompts (an all-False mask changes nothing) leaves two, both compiled by warm_up.
+        self.always_pad_mask = False
 
     @classmethod
     def from_pretrained(
@@ -209,6 +212,7 @@ class EvfSam2Predictor:
             model_id=str(path_or_uri),
         )
         if compile:
+            predictor.always_pad_mask = True
             predictor.warm_up()
         return predictor
 
@@ -216,13 +220,15 @@ class EvfSam2Predictor:
         """Run dummy batches so that ``torch.compile`` compiles (or loads from its cache) now.
 
         Covers ``images`` images per call and each count of prompts per image in
-        ``prompts_per_image`` (BEiT-3 is compiled with dynamic shapes; a single prompt is a
-        specialised shape of its own). Other image counts compile on first use.
+        ``prompts_per_image`` (BEiT-3 is compiled with dynamic shapes, so any larger count and any
+        text length reuse the graph; a single prompt is a specialised shape of its own). Other
+        image counts compile on first use.
         """
         blank = np.zeros((64, 64, 3), np.uint8)
         prepared = [self.prepare_image(blank)] * images
+        texts = ["warm up", "warm up with a longer prompt"]  # different lengths: a padded batch
         for count in prompts_per_image:
-            self.predict_batch(prepared, [["warm up"] * count] * images)
+            self.predict_batch(prepared, [[texts[i % 2] for i in range(count)]] * images)
 
     @property
     def supports_semantic(self) -> bool:
@@ -274,6 +280,8 @@ class EvfSam2Predictor:
         input_ids, padding = self.tokenizer.batch(
             [(p.text, p.semantic) for _, p in specs], self.model.config.beit3.max_text_tokens
         )
+        if padding is None and self.always_pad_mask and len(specs) > 1:
+            padding = torch.zeros(input_ids.shape, dtype=torch.bool)
         with self._inference():
             beit3_pixels = torch.stack([embedded.images[i].beit3_pixels for i in image_index])
             beit3_pixels = beit3_pixels.to(self.device, self.dtype, non_blocking=True)

@@ -35,8 +35,8 @@ def test_compiled_predictor_matches_eager_without_compiling_on_real_batches() ->
     # recompilation here would be a compile on the timed path, so it is an error.
     cases = list(zip(images, PROMPTS, strict=True))
     with torch._dynamo.config.patch(error_on_recompile=True):
-        got = [compiled.predict_batch([image], [prompts]) for image, prompts in cases]
-    want = [eager.predict_batch([image], [prompts]) for image, prompts in cases]
+        got = [compiled.predict_batch([image], [prompts])[0] for image, prompts in cases]
+    want = [eager.predict_batch([image], [prompts])[0] for image, prompts in cases]
     for got_image, want_image in zip(got, want, strict=True):
         for g, w in zip(got_image, want_image, strict=True):
             np.testing.assert_allclose(g.mask_logits, w.mask_logits, atol=2e-3, rtol=0)

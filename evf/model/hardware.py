@@ -8,8 +8,8 @@ elsewhere:
   and later), which oneDNN uses for bf16 matmuls, convolutions and attention (measured on a 2-core
   AVX-512-BF16 machine: a bf16 matmul runs ~3.8x the float32 one, see benchmarks/README.md).
 
-bf16 runs under ``torch.autocast`` with bf16 weights (see ``EvfSam2Predictor``); masks agree with
-float32 at IoU ~0.99 on the real architecture (``benchmarks/bench_real_size.py``).
+bf16 runs under ``torch.autocast`` with bf16 weights (see ``EvfSam2Predictor``); its speed and mask
+agreement with float32 on the real architecture are measured by ``benchmarks/bench_real_size.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _cpu_bf16_units() -> str | None:
     cpu = torch.cpu
     # Private but stable helpers (torch >= 2.3) over the cpuinfo library; absent -> not detected.
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
-        return "AMX"
+        return "AMX tiles"
     if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "AVX-512-BF16"
     return None
@@ -51,7 +51,7 @@ def fast_bf16_reason(device: torch.device | str) -> str | None:
         return f"{torch.cuda.get_device_name(device)} has native bf16 (compute capability {major}.{minor})"
     if device.type == "cpu":
         units = _cpu_bf16_units()
-        return f"the CPU has {units} bf16 instructions" if units else None
+        return f"the CPU has native bf16 ({units})" if units else None
     return None
 
 
@@ -104,8 +104,12 @@ def compile_encoders(model: EvfSam2Model) -> None:
 
     The image encoder starts with static shapes (one compile per images-per-call count until
     dynamo marks the batch dimension dynamic); BEiT-3 is dynamic from the start (prompts per call
-    and text length vary). Compilation is lazy: ``EvfSam2Predictor.warm_up`` triggers it.
+    and text length vary). On CPU the weights are frozen into the graphs, so inductor prepacks them
+    for oneDNN and fuses bias and GELU into the matmuls (inference only: the predictor never trains).
+    Compilation is lazy: ``EvfSam2Predictor.warm_up`` triggers it.
     """
     enable_compile_cache()
-    model.visual_model.image_encoder = torch.compile(model.visual_model.image_encoder)
-    model.mm_extractor["beit3"] = torch.compile(model.mm_extractor["beit3"], dynamic=True)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    options = {"freezing": True} if on_cpu else None
+    model.visual_model.image_encoder = torch.compile(model.visual_model.image_encoder, options=options)
+    model.mm_extractor["beit3"] = torch.compile(model.mm_extractor["beit3"], dynamic=True, options=options)
