@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(FIXTURE))
     parser.add_argument("--s3-rows", type=int, default=1_000_000)
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     args = parser.parse_args()
     import ray
 
@@ -261,7 +262,7 @@ def main() -> None:
     results: dict[str, object] = {}
     try:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-        for size in args.sizes:
+        for size in args.sizes if "a" in args.parts else []:
             first, fresh, resumed, ratio = resume_ratio(work, size, args.model, args.repeats)
             results[f"resume_{size}"] = {
                 "first_s": first,
@@ -273,10 +274,11 @@ def main() -> None:
                 f"(a) N={size:,}: resumed {resumed:.1f} s / fresh {fresh:.1f} s = {ratio:.2f} (target <= 2.0)"
             )
         ray.shutdown()
-        small, large = memory_delta(work, args.model)
-        results["driver_rss_mb"] = {"1000": small, "1000000": large, "delta": large - small}
-        print(f"(b) driver peak RSS, 1M rows - 1k rows: {large - small:.0f} MB (target <= 300)")
-        if not args.skip_s3:
+        if "b" in args.parts:
+            small, large = memory_delta(work, args.model)
+            results["driver_rss_mb"] = {"1000": small, "1000000": large, "delta": large - small}
+            print(f"(b) driver peak RSS, 1M rows - 1k rows: {large - small:.0f} MB (target <= 300)")
+        if "c" in args.parts and not args.skip_s3:
             before, after, files_in, files_out = s3_read_times(work, args.model, args.s3_rows)
             results["s3_commit_record_s"] = {"before": before, "after": after}
             print(
