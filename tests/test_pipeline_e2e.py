@@ -294,7 +294,7 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
     by_id = {r["id"]: r for r in metadata.to_pylist()}
     for row in manifest[:6] + [r for r in manifest if r["mask_only"] is False or r["blur_mask"]]:
         got = by_id[row["id"]]
-        assert got["image_url"] == str(SAMPLE.parent / row["image_url"])
+        assert got["image_url"] == str(SAMPLE_MANIFEST.parent / row["image_url"])  # the installed sample
         request = {
             k: got[k] for k in ("prompt", "negative_prompt", "semantic_type", "mask_only", "revert_mask")
         }
@@ -308,7 +308,7 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
 
     # Re-running the same command commits nothing new: every row is skipped, no file is rewritten.
     files_before = {p.name: p.stat().st_mtime_ns for p in (output / "metadata").iterdir()}
-    again = run_job(job(str(SAMPLE), str(output)))
+    again = run_job(job(str(SAMPLE_MANIFEST), str(output)))
     assert again.skipped == len(manifest) and again.processed == 0 and again.counts == summary.counts
     assert {p.name: p.stat().st_mtime_ns for p in (output / "metadata").iterdir()} == files_before
 
