@@ -119,7 +119,11 @@ class InferenceConfig(StrictModel):
         description="torch intra-op threads per actor. null: on CPU, the machine's cores shared among "
         "the actors (at least 1); on GPU, the actor's CPU reservation rounded up.",
     )
-    compile: bool = Field(default=False, description="torch.compile the encoders (CUDA, long jobs).")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the encoders (CPU inductor or CUDA) at load, graphs cached on disk: "
+        "worth it on GPUs for long jobs; on a small CPU the compile costs more than it saves.",
+    )
     max_tasks_in_flight: int = Field(
         default=2, ge=1, description="Batches queued per actor (more hides latency, costs memory)."
     )
