@@ -40,6 +40,7 @@ __all__ = [
 COMMIT_COLUMNS = ("id", "key", "status", "retryable", "run_id")
 """What resume and accounting read of each metadata file."""
 READ_THREADS = 16  # metadata files read at once (object-store latency, not CPU, is the limit)
+FILES_PER_MERGE = 512
 
 
 def list_metadata_files(
@@ -85,14 +86,21 @@ def read_metadata_files(
             wanted = [c for c in schema.names if c in parquet.schema_arrow.names]
             return conform_metadata(parquet.read(columns=wanted, use_threads=False), schema)
 
-    tables = map_threads(read, paths, threads)
-    for path, table in zip(paths, tables, strict=True):
-        if isinstance(table, BaseException):
-            raise OSError(
-                f"metadata file {path!r} cannot be read ({type(table).__name__}: {table}); "
-                "delete it to recompute its rows"
-            ) from None
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    merged: list[pa.Table] = []
+    # A slice of files at a time, each merged into contiguous buffers: tens of thousands of small
+    # per-file tables (a million rows in 32-row commits) never sit in memory together.
+    for start in range(0, len(paths), FILES_PER_MERGE):
+        chunk = paths[start : start + FILES_PER_MERGE]
+        tables = map_threads(read, chunk, threads)
+        for path, table in zip(chunk, tables, strict=True):
+            if isinstance(table, BaseException):
+                raise OSError(
+                    f"metadata file {path!r} cannot be read ({type(table).__name__}: {table}); "
+                    "delete it to recompute its rows"
+                ) from None
+        merged.append(pa.concat_tables(tables).combine_chunks())
+        del tables
+    return pa.concat_tables(merged) if merged else schema.empty_table()
 
 
 def newest_per_id(table: pa.Table) -> tuple[pa.Table, int]:
