@@ -3,9 +3,11 @@
 A job commits one small Parquet file per batch (31,250 files per million rows at 32 rows a batch),
 which every reader then lists and opens. ``compact`` merges them:
 
-1. list the metadata files and read them all (in parallel);
-2. keep one row per id, the newest run's (``pipelines.metadata.newest_per_id``);
-3. write the rows as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
+1. list the metadata files and read their ``id`` and ``run_id`` columns (in parallel): which row of
+   each id wins, the newest run's (``pipelines.metadata.newest_per_id``);
+2. read the whole rows a slice of files at a time and keep the winners, so that no more than
+   ``rows_per_file`` whole rows are ever held;
+3. write them as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
    in one atomic write; the digest names the set of source files, so a compaction redone over the
    same sources rewrites the same files;
 4. only then delete the source files (not the files step 3 wrote).
@@ -26,19 +28,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from evf.io import write_bytes
 from evf.storage import join_uri, open_filesystem
 from pipelines.commit import OutputLayout
-from pipelines.metadata import list_metadata_files, newest_per_id, read_metadata_files
+from pipelines.metadata import FILES_PER_MERGE, list_metadata_files, newest_per_id, read_metadata_files
 from pipelines.workers import map_threads
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AUTO_COMPACT_FILES", "ROWS_PER_FILE", "Compaction", "compact"]
 
-ROWS_PER_FILE = 1_000_000
+ROWS_PER_FILE = 250_000
 AUTO_COMPACT_FILES = 256
 """A run compacts the output at its end when metadata/ holds more files than this."""
 
@@ -70,18 +75,47 @@ def compact(
         paths = [p for p in paths if p.rsplit("/", 1)[-1].startswith("part-")]
     if len(paths) <= 1:
         return Compaction(len(paths), 0, 0, 0)
-    table, dropped = newest_per_id(read_metadata_files(fs, paths))
+    winners, dropped = newest_per_id(read_metadata_files(fs, paths, ["id", "run_id"]))
     digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
-    written = []
-    for number, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
+    written: list[str] = []
+
+    def write(table: pa.Table) -> None:
         buffer = io.BytesIO()
-        pq.write_table(table.slice(start, rows_per_file), buffer, compression="zstd")
-        uri = join_uri(layout.metadata, f"compact-{digest}-{number:04d}.parquet")
+        pq.write_table(table, buffer, compression="zstd")
+        uri = join_uri(layout.metadata, f"compact-{digest}-{len(written):04d}.parquet")
         write_bytes(uri, buffer.getvalue(), storage_options)
         written.append(open_filesystem(uri, storage_options)[1])
+
+    # Whole rows are read a slice of files at a time and only the winning row of each id is kept, so
+    # the driver never holds every row at once (only the ids and run ids of all of them).
+    taken = np.zeros(winners.num_rows, bool)
+    pending: list[pa.Table] = []
+    for start in range(0, len(paths), FILES_PER_MERGE):
+        rows = read_metadata_files(fs, paths[start : start + FILES_PER_MERGE])
+        pending.append(_winning_rows(rows, winners, taken))
+        if sum(t.num_rows for t in pending) >= rows_per_file:
+            merged = pa.concat_tables(pending)
+            write(merged.slice(0, rows_per_file))
+            pending = [merged.slice(rows_per_file)]
+    if sum(t.num_rows for t in pending) or not written:
+        write(pa.concat_tables(pending))
     keep = set(written)
     outcomes = map_threads(fs.rm_file, [p for p in paths if p not in keep], 16)
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     if failed:  # the rows are safe in the merged files; the next compaction deletes these again
         log.warning("compaction could not delete %d source file(s), e.g. %s", len(failed), failed[0])
-    return Compaction(len(paths), len(written), table.num_rows, dropped)
+    return Compaction(len(paths), len(written), winners.num_rows, dropped)
+
+
+def _winning_rows(rows: pa.Table, winners: pa.Table, taken: np.ndarray) -> pa.Table:
+    """The rows of ``rows`` that are their id's winner (same run id) and not yet taken (a row may
+    stand twice in the files, same id and run); marks them taken."""
+    position = pc.index_in(rows.column("id"), value_set=winners.column("id").combine_chunks())
+    index = position.to_numpy(zero_copy_only=False)
+    run_ids = winners.column("run_id").combine_chunks().take(position)
+    newest = pc.fill_null(pc.equal(rows.column("run_id"), run_ids), True).to_numpy(zero_copy_only=False)
+    keep = np.zeros(rows.num_rows, bool)
+    for row, (where, is_newest) in enumerate(zip(index, newest, strict=True)):
+        if is_newest and not taken[where]:
+            taken[where] = keep[row] = True
+    return rows.filter(pa.array(keep))

@@ -8,7 +8,7 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="the job's output (folder or URI holding metadata/)")
     parser.add_argument(
-        "--rows-per-file", type=int, default=None, help="rows per merged file (default: 1,000,000)"
+        "--rows-per-file", type=int, default=None, help="rows per merged file (default: 250,000)"
     )
 
 
