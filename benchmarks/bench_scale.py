@@ -261,7 +261,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results: dict[str, object] = {}
     try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        if "a" in args.parts:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         for size in args.sizes if "a" in args.parts else []:
             first, fresh, resumed, ratio = resume_ratio(work, size, args.model, args.repeats)
             results[f"resume_{size}"] = {
