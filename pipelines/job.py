@@ -12,6 +12,7 @@ After the run it re-reads ``metadata/`` to account for every manifest row and wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -73,7 +74,13 @@ def _ray_session(config: JobConfig) -> Iterator[None]:
         ray.init(address=config.ray.address, **kwargs)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=config.ray.num_cpus, object_store_memory=config.ray.object_store_memory, **kwargs)
+        # address="local": a private instance, even where another Ray runs on this machine.
+        ray.init(
+            address="local",
+            num_cpus=config.ray.num_cpus,
+            object_store_memory=config.ray.object_store_memory,
+            **kwargs,
+        )
     try:
         yield
     finally:
@@ -279,7 +286,7 @@ def run_job(config: JobConfig) -> JobSummary:
         to_do,
     )
     checkpoint = None if config.ray.address or not to_do else _describe_checkpoint(config, storage)
-    with _ray_session(config):
+    with _ray_session(config) if to_do else contextlib.nullcontext():  # nothing to do: no Ray
         try:
             if to_do:
                 _run_pipeline(config, manifest, settled, output, record, to_do, checkpoint)
