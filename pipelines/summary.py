@@ -119,17 +119,6 @@ class JobSummary:
     def layout(self) -> OutputLayout:
         return OutputLayout(self.output)
 
-    @property
-    def masks_uri(self) -> str:
-        return self.layout.masks
-
-    @property
-    def metadata_uri(self) -> str:
-        return self.layout.metadata
-
-    @property
-    def job_json_uri(self) -> str:
-        return self.layout.job_json
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -208,7 +197,7 @@ def summarize_run(
         "rows_per_s": round(summary.rows_per_s, 3),
         "error_kinds": [asdict(kind) for kind in summary.error_kinds],
         "resources": record.reservations,
-        "outputs": {"masks": summary.masks_uri, "metadata": summary.metadata_uri},
+        "outputs": {"masks": summary.layout.masks, "metadata": summary.layout.metadata},
         "config": record.config,
     }
     data = json.dumps(payload, indent=2, default=str).encode("utf-8")
@@ -255,8 +244,8 @@ def format_summary(summary: JobSummary) -> str:
         )
     lines += [
         f"  {'time':<{width}} {summary.elapsed_s:.1f} s ({summary.rows_per_s:.2f} rows/s this run)",
-        f"  {'masks':<{width}} {summary.masks_uri}/",
-        f"  {'metadata':<{width}} {summary.metadata_uri}/",
-        f"  {'job record':<{width}} {summary.job_json_uri}",
+        f"  {'masks':<{width}} {summary.layout.masks}/",
+        f"  {'metadata':<{width}} {summary.layout.metadata}/",
+        f"  {'job record':<{width}} {summary.layout.job_json}",
     ]
     return "\n".join(lines)

@@ -119,7 +119,7 @@ def check_outputs(
         assert row["status"] == "error", (row_id, row)
         assert fragment.lower() in row["error"].lower(), (row_id, row["error"])
 
-    job_json = json.loads(read_bytes(summary.job_json_uri, storage_options))
+    job_json = json.loads(read_bytes(summary.layout.job_json, storage_options))
     assert job_json["status"] == "succeeded"
     assert job_json["counts"] == {
         "input_rows": len(manifest_ids),

@@ -114,5 +114,5 @@ def command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise CommandFailed("interrupted; re-run the same command to resume") from None
     print(format_summary(summary))
-    print(f"Masks written to {summary.masks_uri}/")
+    print(f"Masks written to {summary.layout.masks}/")
     return EXIT_RETRYABLE if summary.retryable else 0
