@@ -119,7 +119,6 @@ class JobSummary:
     def layout(self) -> OutputLayout:
         return OutputLayout(self.output)
 
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(rows_per_s=round(self.rows_per_s, 3), processed=self.processed)
