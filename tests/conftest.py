@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,46 +451,6 @@ def make_text_png(path: Path) -> ImageCase:
     return ImageCase(path, None, error="not an image")
 
 
-@pytest.fixture
-def exif_jpeg(tmp_path: Path) -> ImageCase:
-    return make_exif_jpeg(tmp_path / "rotated_exif6.jpg")
-
-
-@pytest.fixture
-def gray_png(tmp_path: Path) -> ImageCase:
-    return make_gray_png(tmp_path / "gray.png")
-
-
-@pytest.fixture
-def rgba_png(tmp_path: Path) -> ImageCase:
-    return make_rgba_png(tmp_path / "rgba.png")
-
-
-@pytest.fixture
-def png16(tmp_path: Path) -> ImageCase:
-    return make_png16(tmp_path / "gray16.png")
-
-
-@pytest.fixture
-def rgb48_png(tmp_path: Path) -> ImageCase:
-    return make_rgb48_png(tmp_path / "rgb48.png")
-
-
-@pytest.fixture
-def palette_png(tmp_path: Path) -> ImageCase:
-    return make_palette_png(tmp_path / "palette.png")
-
-
-@pytest.fixture
-def truncated_png(tmp_path: Path) -> ImageCase:
-    return make_truncated_png(tmp_path / "truncated.png")
-
-
-@pytest.fixture
-def text_png(tmp_path: Path) -> ImageCase:
-    return make_text_png(tmp_path / "not_an_image.png")
-
-
 _BUILDERS = {
     "exif_jpeg": (make_exif_jpeg, "rotated_exif6.jpg"),
     "gray_png": (make_gray_png, "gray.png"),
@@ -501,6 +461,20 @@ _BUILDERS = {
     "truncated_png": (make_truncated_png, "truncated.png"),
     "text_png": (make_text_png, "not_an_image.png"),
 }
+
+
+def _image_fixture(name: str, build: Callable[[Path], ImageCase], filename: str) -> Any:
+    """One pytest fixture per odd image file above, named like its builder's entry."""
+
+    @pytest.fixture(name=name)
+    def fixture(tmp_path: Path) -> ImageCase:
+        return build(tmp_path / filename)
+
+    return fixture
+
+
+for _name, (_build, _filename) in _BUILDERS.items():
+    globals()[_name] = _image_fixture(_name, _build, _filename)
 
 
 @pytest.fixture
