@@ -152,10 +152,6 @@ class Committed:
             redo = pc.and_(redo, pc.fill_null(self.table.column("retryable"), False))
         return Committed(self.table.filter(pc.invert(redo)), self.duplicate_rows)
 
-    def key_map(self) -> pa.Table:
-        """``id, key`` of every row: what read tasks look committed rows up in."""
-        return self.table.select(["id", "key"])
-
     def counts(
         self, ids: pa.Array | pa.ChunkedArray | None = None, run_id: str | None = None
     ) -> Counter[str]:
