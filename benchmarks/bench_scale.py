@@ -169,13 +169,17 @@ def resume_ratio(work: Path, committed: int, model: str, repeats: int) -> tuple[
 
 
 def peak_rss_mb(manifest: Path, output: Path, model: str) -> float:
-    """Peak RSS (MB) of a driver process that runs the job over a fully committed output."""
+    """Peak RSS (MB) of a driver process that runs the job over a fully committed output.
+
+    Read as the process's own ``VmHWM``: ``ru_maxrss`` would not do, as Linux carries the parent's
+    high-water mark into a child through fork and exec (this script's own 1M-row fabrication would
+    be measured)."""
     code = (
-        "import resource, sys; from pipelines.config import load_config; from pipelines.job import run_job;"
+        "from pipelines.config import load_config; from pipelines.job import run_job;"
         f"s = run_job(load_config(None, None, {{'manifest': {str(manifest)!r}, 'output': {str(output)!r}, "
         f"'model': {model!r}, 'progress': False}}));"
         "assert s.missing == 0 and s.processed == 0;"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     return int(done.stdout.strip().splitlines()[-1]) / 1024

@@ -155,10 +155,13 @@ def _file_uri(fs: Any, path: str) -> str:
 
 def _id_strings(column: pa.ChunkedArray | None, name: str, num_rows: int) -> pa.Array:
     """The ids of one file's rows (``row_id``'s rule), computed column-wise for text and integer ids."""
-    positions = pc.cast(pa.array(np.arange(num_rows, dtype=np.int64)), pa.string())
-    derived = pc.binary_join_element_wise(pa.scalar(derived_id_prefix(name)), positions, "")
+
+    def derived() -> pa.Array:
+        positions = pc.cast(pa.array(np.arange(num_rows, dtype=np.int64)), pa.string())
+        return pc.binary_join_element_wise(pa.scalar(derived_id_prefix(name)), positions, "")
+
     if column is None:
-        return derived
+        return derived()
     values = column.combine_chunks()
     if (
         pa.types.is_string(values.type)
@@ -168,7 +171,7 @@ def _id_strings(column: pa.ChunkedArray | None, name: str, num_rows: int) -> pa.
         try:
             text = pc.cast(values, pa.string())
             blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True)
-            return pc.if_else(blank, derived, text)
+            return pc.if_else(blank, derived(), text) if pc.any(blank).as_py() else text
         except pa.ArrowInvalid:  # e.g. invalid UTF-8: the row-by-row rule replaces the bad bytes
             values = pc.cast(values, pa.binary())
     return pa.array(
@@ -248,6 +251,12 @@ def scan_manifest(
 
 
 def _check_unique(ids: pa.ChunkedArray) -> None:
+    # Sorted neighbours first: a sort's index costs 8 bytes a row where a hash table of every id
+    # costs several times that, and ids are unique in every manifest but a broken one.
+    ordered = ids.combine_chunks().take(pc.sort_indices(ids))
+    if len(ordered) < 2 or not pc.any(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py():
+        return
+    del ordered
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):

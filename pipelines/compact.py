@@ -5,9 +5,9 @@ which every reader then lists and opens. ``compact`` merges them:
 
 1. list the metadata files and read their ``id`` and ``run_id`` columns (in parallel): which row of
    each id wins, the newest run's (``pipelines.metadata.newest_per_id``);
-2. read the whole rows a slice of files at a time and keep the winners, so that no more than
-   ``rows_per_file`` whole rows are ever held;
-3. write them as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
+2. read the whole rows a slice of files at a time and keep the winners, each slice encoded at once
+   as a row group of the merged file being built (only its compressed bytes are held);
+3. write those as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
    in one atomic write; the digest names the set of source files, so a compaction redone over the
    same sources rewrites the same files;
 4. only then delete the source files (not the files step 3 wrote).
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from evf.io import write_bytes
 from evf.storage import join_uri, open_filesystem
-from pipelines.commit import OutputLayout
+from pipelines.commit import METADATA_SCHEMA, OutputLayout
 from pipelines.metadata import FILES_PER_MERGE, list_metadata_files, newest_per_id, read_metadata_files
 from pipelines.workers import map_threads
 
@@ -77,34 +77,65 @@ def compact(
         return Compaction(len(paths), 0, 0, 0)
     winners, dropped = newest_per_id(read_metadata_files(fs, paths, ["id", "run_id"]))
     digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
-    written: list[str] = []
-
-    def write(table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        uri = join_uri(layout.metadata, f"compact-{digest}-{len(written):04d}.parquet")
-        write_bytes(uri, buffer.getvalue(), storage_options)
-        written.append(open_filesystem(uri, storage_options)[1])
-
+    merged = _MergedFiles(join_uri(layout.metadata, f"compact-{digest}"), rows_per_file, storage_options)
     # Whole rows are read a slice of files at a time and only the winning row of each id is kept, so
     # the driver never holds every row at once (only the ids and run ids of all of them).
     taken = np.zeros(winners.num_rows, bool)
-    pending: list[pa.Table] = []
     for start in range(0, len(paths), FILES_PER_MERGE):
         rows = read_metadata_files(fs, paths[start : start + FILES_PER_MERGE])
-        pending.append(_winning_rows(rows, winners, taken))
-        if sum(t.num_rows for t in pending) >= rows_per_file:
-            merged = pa.concat_tables(pending)
-            write(merged.slice(0, rows_per_file))
-            pending = [merged.slice(rows_per_file)]
-    if sum(t.num_rows for t in pending) or not written:
-        write(pa.concat_tables(pending))
+        merged.add(_winning_rows(rows, winners, taken) if dropped else rows)  # no duplicate: all win
+    written = [open_filesystem(uri, storage_options)[1] for uri in merged.close()]
     keep = set(written)
     outcomes = map_threads(fs.rm_file, [p for p in paths if p not in keep], 16)
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     if failed:  # the rows are safe in the merged files; the next compaction deletes these again
         log.warning("compaction could not delete %d source file(s), e.g. %s", len(failed), failed[0])
     return Compaction(len(paths), len(written), winners.num_rows, dropped)
+
+
+class _MergedFiles:
+    """``<prefix>-<n>.parquet`` files of up to ``rows_per_file`` rows, built row group by row group
+    in memory (zstd-compressed bytes only, never the rows) and each written in one atomic write
+    (``evf.io.write_bytes``: a crash never leaves a partial merged file)."""
+
+    def __init__(self, prefix: str, rows_per_file: int, storage_options: Mapping[str, Any] | None) -> None:
+        self.prefix, self.rows_per_file, self.storage_options = prefix, rows_per_file, storage_options
+        self.written: list[str] = []
+        self.buffer: io.BytesIO | None = None
+        self.writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self.writer is None:
+                self._open()
+            room = self.rows_per_file - self.rows
+            self.writer.write_table(table.slice(0, room))
+            self.rows += min(room, table.num_rows)
+            table = table.slice(room)
+            if self.rows == self.rows_per_file:
+                self._publish()
+
+    def close(self) -> list[str]:
+        """Write the last file (an empty one if no row came: the sources are still replaced) and
+        return the URIs of all of them."""
+        if self.writer is None and not self.written:
+            self._open()
+        if self.writer is not None:
+            self._publish()
+        return self.written
+
+    def _open(self) -> None:
+        self.buffer = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.buffer, METADATA_SCHEMA, compression="zstd")
+
+    def _publish(self) -> None:
+        assert self.writer is not None and self.buffer is not None
+        self.writer.close()
+        uri = f"{self.prefix}-{len(self.written):04d}.parquet"
+        write_bytes(uri, self.buffer.getvalue(), self.storage_options)
+        self.written.append(uri)
+        self.writer, self.buffer, self.rows = None, None, 0
 
 
 def _winning_rows(rows: pa.Table, winners: pa.Table, taken: np.ndarray) -> pa.Table:

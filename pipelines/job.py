@@ -36,7 +36,7 @@ from pipelines.compact import AUTO_COMPACT_FILES, compact
 from pipelines.config import JobConfig
 from pipelines.dataset import build_dataset, data_context, describe_reservations
 from pipelines.infer import MODEL_ROWS, NODE_PREFIX
-from pipelines.metadata import Committed, list_metadata_files, load_committed
+from pipelines.metadata import Committed, list_metadata_files, load_committed, release_arrow_memory
 from pipelines.progress import JobProgress, start_counters
 from pipelines.read import CommittedIndex
 from pipelines.summary import JobSummary, RunRecord, summarize_run
@@ -174,7 +174,7 @@ def warn_if_semantic_unsupported(
 def _run_pipeline(
     config: JobConfig,
     manifest: Manifest,
-    committed: Committed,
+    committed: CommittedIndex | None,
     output: JobOutput,
     record: RunRecord,
     to_do: int,
@@ -193,7 +193,7 @@ def _run_pipeline(
         checkpoint.preprocessor.sam_size,
     )
     warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
-    committed_ref = ray.put(CommittedIndex.build(committed.table)) if committed.table.num_rows else None
+    committed_ref = ray.put(committed) if committed is not None else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
     progress = JobProgress(output.counters, to_do, enabled=config.progress)
     try:
@@ -238,6 +238,18 @@ def _scan(config: JobConfig, storage: Storage, layout: OutputLayout) -> tuple[Ma
         raise JobError(str(error)) from None
 
 
+def _plan_resume(
+    committed: Committed, manifest: Manifest, retry_errors: str
+) -> tuple[int, CommittedIndex | None]:
+    """(manifest rows this run leaves alone, the index read tasks drop them by; None when no row
+    is left alone or none is left to do)."""
+    settled = committed.settled(retry_errors)
+    skipped = int(pc.sum(settled.contains(manifest.ids)).as_py() or 0)
+    if not settled.table.num_rows or skipped == manifest.num_rows:
+        return skipped, None
+    return skipped, CommittedIndex.build(settled.table)
+
+
 def run_job(config: JobConfig) -> JobSummary:
     """Run a segmentation job to completion and return its summary.
 
@@ -267,11 +279,31 @@ def run_job(config: JobConfig) -> JobSummary:
     log.info(
         "Run %s: manifest %s -> output %s", run_id, display_url(config.manifest), display_url(config.output)
     )
+    summary = _run_and_account(config, storage, output, record)
+    if summary.missing:
+        raise JobError(f"{summary.missing} manifest row(s) have no metadata row after the run")
+    _compact_if_many(layout, storage)
+    if record.stale:
+        log.warning(
+            "%d committed row(s) were computed from different inputs (manifest row or model changed) and "
+            "were kept; use --overwrite or a new output to recompute them",
+            record.stale,
+        )
+    return summary
+
+
+def _run_and_account(config: JobConfig, storage: Storage, output: JobOutput, record: RunRecord) -> JobSummary:
+    """Scan, run what is left to do, account for every manifest row. Its own function so that the
+    manifest's ids and the commit record are freed before the compaction reads the record again."""
+    layout = output.layout
     manifest, committed = _scan(config, storage, layout)
     record.input_rows = manifest.num_rows
-    settled = committed.settled(config.retry_errors)
-    record.skipped = int(pc.sum(settled.contains(manifest.ids)).as_py() or 0)
+    record.skipped, index = _plan_resume(committed, manifest, config.retry_errors)
     to_do = manifest.num_rows - record.skipped
+    # Keys matter only to the index: the rest stays as the accounting's fallback, the keys (the
+    # widest column at millions of rows) are freed before the pipeline runs.
+    committed = Committed(committed.table.drop_columns(["key"]), committed.duplicate_rows)
+    release_arrow_memory()  # the manifest scan's and the resume plan's working memory
     if committed.duplicate_rows:
         log.info(
             "metadata/ holds %d older row(s) superseded by newer ones (retried rows, or rows a crashed run "
@@ -289,7 +321,7 @@ def run_job(config: JobConfig) -> JobSummary:
     with _ray_session(config) if to_do else contextlib.nullcontext():  # nothing to do: no Ray
         try:
             if to_do:
-                _run_pipeline(config, manifest, settled, output, record, to_do, checkpoint)
+                _run_pipeline(config, manifest, index, output, record, to_do, checkpoint)
         except (ConfigError, JobError) as error:
             record.failure = str(error)
             raise
@@ -298,13 +330,4 @@ def run_job(config: JobConfig) -> JobSummary:
             raise
         finally:
             summary = summarize_run(record, manifest.ids, committed, layout, storage)
-    if summary.missing:
-        raise JobError(f"{summary.missing} manifest row(s) have no metadata row after the run")
-    _compact_if_many(layout, storage)
-    if record.stale:
-        log.warning(
-            "%d committed row(s) were computed from different inputs (manifest row or model changed) and "
-            "were kept; use --overwrite or a new output to recompute them",
-            record.stale,
-        )
     return summary

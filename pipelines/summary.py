@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from evf.io import write_bytes
 from evf.storage import Storage, display_url
 from pipelines.commit import STATUSES, OutputLayout
-from pipelines.metadata import Committed, load_committed
+from pipelines.metadata import ACCOUNTING_COLUMNS, Committed, load_committed
 from pipelines.workers import error_kind
 
 log = logging.getLogger("evf.run")
@@ -140,14 +140,15 @@ def summarize_run(
     write ``_job.json``, return the summary."""
     elapsed = time.time() - record.started
     try:
-        committed = load_committed(layout, storage.options(layout.metadata), extra=("error",))
+        committed = load_committed(layout, storage.options(layout.metadata), ACCOUNTING_COLUMNS)
     except OSError as error:
         log.error("cannot read back metadata: %s", error)
-    counts = committed.counts(manifest_ids)
-    errors = committed.of(manifest_ids)
+    committed = committed.of(manifest_ids)  # rows of ids no longer in the manifest do not count
+    counts = committed.counts()
+    errors = committed.table
     if "error" in errors.column_names:
         errors = errors.filter(pc.equal(errors.column("status"), "error"))
-    this_run = committed.counts(manifest_ids, run_id=record.run_id)
+    this_run = committed.counts(run_id=record.run_id)
     missing = record.input_rows - sum(counts.values())
     summary = JobSummary(
         run_id=record.run_id,
@@ -162,7 +163,7 @@ def summarize_run(
         skipped=record.skipped,
         stale=record.stale,
         elapsed_s=elapsed,
-        retryable=committed.retryable(manifest_ids),
+        retryable=committed.retryable(),
         error_kinds=error_kinds(errors) if "error" in errors.column_names else [],
         reservations=record.reservations,
     )
