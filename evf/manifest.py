@@ -256,7 +256,6 @@ def _check_unique(ids: pa.ChunkedArray) -> None:
     ordered = ids.combine_chunks().take(pc.sort_indices(ids))
     if len(ordered) < 2 or not pc.any(pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))).as_py():
         return
-    del ordered
     counts = pc.value_counts(ids)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):

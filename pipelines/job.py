@@ -174,7 +174,7 @@ def warn_if_semantic_unsupported(
 def _run_pipeline(
     config: JobConfig,
     manifest: Manifest,
-    committed: CommittedIndex | None,
+    index: CommittedIndex | None,
     output: JobOutput,
     record: RunRecord,
     to_do: int,
@@ -193,7 +193,7 @@ def _run_pipeline(
         checkpoint.preprocessor.sam_size,
     )
     warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
-    committed_ref = ray.put(committed) if committed is not None else None
+    committed_ref = ray.put(index) if index is not None else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
     progress = JobProgress(output.counters, to_do, enabled=config.progress)
     try:

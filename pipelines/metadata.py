@@ -188,10 +188,8 @@ class Committed:
 
     def retryable(self) -> int:
         """How many committed rows are retryable errors."""
-        table = self.table
-        flags = pc.and_(
-            pc.equal(table.column("status"), "error"), pc.fill_null(table.column("retryable"), False)
-        )
+        status, retryable = self.table.column("status"), self.table.column("retryable")
+        flags = pc.and_(pc.equal(status, "error"), pc.fill_null(retryable, False))
         return int(pc.sum(flags).as_py() or 0)
 
 
