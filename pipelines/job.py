@@ -53,11 +53,13 @@ class JobError(RuntimeError):
 @contextmanager
 def _ray_session(config: JobConfig) -> Iterator[None]:
     """Reuse an initialised Ray, else start one (local, or the configured address); shut it after."""
-    # Ray's own notes (token auth, Ray Data's "execution finished") are noise to a user of the job:
-    # shown with -v only.
+    # Ray's own notes (token auth, Ray Data's "execution finished", the C++ core worker's line on
+    # actor constructor arguments) are noise to a user of the job: shown with -v only. The C++ side
+    # reads its level from the environment when ray.init starts it (a user's own setting wins).
     verbose = log.isEnabledFor(logging.DEBUG)
     if not verbose:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     import ray
 
     if ray.is_initialized():
