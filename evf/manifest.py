@@ -17,6 +17,7 @@ with ``.`` or ``_`` are ignored). Columns:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import posixpath
@@ -96,6 +97,7 @@ class Manifest:
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # rows repeat their image's URL (a prompt per row)
 def resolve_url(url: str, base: str) -> str:
     """``url`` (an image or mask URL) made absolute: a relative path is joined onto ``base``, the
     folder of the manifest file that holds the row."""

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from evf.manifest import Manifest
 from evf.predictor import CheckpointInfo
 from pipelines.commit import JobOutput
@@ -14,7 +16,7 @@ from pipelines.config import JobConfig
 from pipelines.decode import DecodeSettings, decode_batch
 from pipelines.finish import FinishSettings, finish_batch
 from pipelines.infer import InferenceSettings, InferenceStage
-from pipelines.read import ReadSettings, grounding_id, make_datasource
+from pipelines.read import ReadSettings, grounding_id, make_datasource, task_ranges
 
 __all__ = ["build_dataset", "data_context", "describe_reservations"]
 
@@ -102,22 +104,27 @@ def rows_per_read_task(config: JobConfig, manifest_rows: int) -> int:
 
 
 def build_dataset(
-    config: JobConfig, manifest: Manifest, checkpoint: CheckpointInfo, output: JobOutput, committed: Any
+    config: JobConfig,
+    manifest: Manifest,
+    checkpoint: CheckpointInfo,
+    output: JobOutput,
+    committed: Any,
+    committed_rows: np.ndarray | None = None,
 ) -> Any:
-    """The lazy dataset of the run; iterating it runs the job (``committed``: object ref or None)."""
+    """The lazy dataset of the run; iterating it runs the job. ``committed``: the ``CommittedIndex``'s
+    object ref or None; ``committed_rows``: one bool per manifest row (``read.task_ranges``)."""
     import ray
 
     grounding = grounding_id(
         config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
     )
     read = ReadSettings(output, dict(config.defaults), grounding, committed)
-    rows_per_task = rows_per_read_task(config, manifest.num_rows)
-    read_tasks = sum(-(-f.num_rows // rows_per_task) for f in manifest.files)
+    ranges = task_ranges(manifest.files, rows_per_read_task(config, manifest.num_rows), committed_rows)
     # One read task per range of rows (Ray Data would otherwise choose its own split).
     ds = ray.data.read_datasource(
-        make_datasource(manifest.files, rows_per_task, config.cpu.batch_size, read),
+        make_datasource(ranges, config.cpu.batch_size, read),
         num_cpus=config.cpu.num_cpus,
-        override_num_blocks=max(1, read_tasks),
+        override_num_blocks=max(1, len(ranges)),
     )
     ds = ds.map_batches(
         decode_batch,

@@ -19,10 +19,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.compute as pc
+import numpy as np
 
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
@@ -173,10 +173,21 @@ def warn_if_semantic_unsupported(
         )
 
 
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a run leaves alone: ``skipped`` manifest rows, which read tasks drop by ``index``;
+    ``committed_rows``, one bool per manifest row, orders the read tasks (``task_ranges``).
+    ``index`` and ``committed_rows`` are None when no row is left alone or none is left to do."""
+
+    skipped: int
+    index: CommittedIndex | None = None
+    committed_rows: np.ndarray | None = None
+
+
 def _run_pipeline(
     config: JobConfig,
     manifest: Manifest,
-    index: CommittedIndex | None,
+    plan: ResumePlan,
     output: JobOutput,
     record: RunRecord,
     to_do: int,
@@ -195,12 +206,12 @@ def _run_pipeline(
         checkpoint.preprocessor.sam_size,
     )
     warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
-    committed_ref = ray.put(index) if index is not None else None
+    committed_ref = ray.put(plan.index) if plan.index is not None else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
     progress = JobProgress(output.counters, to_do, enabled=config.progress)
     try:
         with data_context(config):
-            dataset = build_dataset(config, manifest, checkpoint, output, committed_ref)
+            dataset = build_dataset(config, manifest, checkpoint, output, committed_ref, plan.committed_rows)
             for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 progress.update()
         counts = progress.update()
@@ -240,16 +251,14 @@ def _scan(config: JobConfig, storage: Storage, layout: OutputLayout) -> tuple[Ma
         raise JobError(str(error)) from None
 
 
-def _plan_resume(
-    committed: Committed, manifest: Manifest, retry_errors: str
-) -> tuple[int, CommittedIndex | None]:
-    """(manifest rows this run leaves alone, the index read tasks drop them by; None when no row
-    is left alone or none is left to do)."""
+def _plan_resume(committed: Committed, manifest: Manifest, retry_errors: str) -> ResumePlan:
+    """Which manifest rows this run leaves alone (committed, and not errors to retry)."""
     settled = committed.settled(retry_errors)
-    skipped = int(pc.sum(settled.contains(manifest.ids)).as_py() or 0)
+    committed_rows = settled.contains(manifest.ids).to_numpy()
+    skipped = int(committed_rows.sum())
     if not settled.table.num_rows or skipped == manifest.num_rows:
-        return skipped, None
-    return skipped, CommittedIndex.build(settled.table)
+        return ResumePlan(skipped)
+    return ResumePlan(skipped, CommittedIndex.build(settled.table), committed_rows)
 
 
 def run_job(config: JobConfig) -> JobSummary:
@@ -300,7 +309,8 @@ def _run_and_account(config: JobConfig, storage: Storage, output: JobOutput, rec
     layout = output.layout
     manifest, committed = _scan(config, storage, layout)
     record.input_rows = manifest.num_rows
-    record.skipped, index = _plan_resume(committed, manifest, config.retry_errors)
+    plan = _plan_resume(committed, manifest, config.retry_errors)
+    record.skipped = plan.skipped
     to_do = manifest.num_rows - record.skipped
     # Keys matter only to the index: the rest stays as the accounting's fallback, the keys (the
     # widest column at millions of rows) are freed before the pipeline runs.
@@ -323,7 +333,7 @@ def _run_and_account(config: JobConfig, storage: Storage, output: JobOutput, rec
     with _ray_session(config) if to_do else contextlib.nullcontext():  # nothing to do: no Ray
         try:
             if to_do:
-                _run_pipeline(config, manifest, index, output, record, to_do, checkpoint)
+                _run_pipeline(config, manifest, plan, output, record, to_do, checkpoint)
         except (ConfigError, JobError) as error:
             record.failure = str(error)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evf.config import ConfigError
 from evf.io import encode_png
@@ -22,7 +25,15 @@ from pipelines.decode import DecodeSettings, decode_batch
 from pipelines.finish import FinishSettings, finish_batch
 from pipelines.infer import InferenceSettings, InferenceStage
 from pipelines.metadata import load_committed, read_metadata
-from pipelines.read import CommittedIndex, InvalidRow, ReadSettings, parse_row, read_task, request_key
+from pipelines.read import (
+    CommittedIndex,
+    InvalidRow,
+    ReadSettings,
+    parse_row,
+    read_task,
+    request_key,
+    task_ranges,
+)
 from pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +44,38 @@ CONFIGS = REPO / "configs"
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
+
+
+_option_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 9), max_size=3),
+    st.tuples(st.integers(0, 2)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    url=st.text(max_size=12),
+    prompt=st.one_of(st.none(), st.text(max_size=12), st.integers()),
+    options=st.dictionaries(st.sampled_from(["blur_mask", "mask_only", "points", "zz", "a"]), _option_values),
+    grounding=st.one_of(st.none(), st.text(max_size=5)),
+)
+def test_request_key_is_the_hash_of_the_requests_json(url, prompt, options, grounding) -> None:
+    """The key must stay what every committed output holds: sha256 of the sorted-key JSON of the
+    request (written out here independently of the cached assembly)."""
+    fields = {"image_url": url, "prompt": prompt, "options": dict(options), "model": "m"}
+    if grounding is not None:
+        fields["grounding"] = grounding
+    payload = json.dumps(fields, sort_keys=True, default=repr, ensure_ascii=False)
+    expected = hashlib.sha256(payload.encode()).hexdigest()[:32]
+    assert request_key(url, prompt, options, "m", grounding) == expected
+    # 1, 1.0 and True are equal as cache keys but not as JSON: each keeps its own key.
+    keys = {request_key(url, prompt, {**options, "blur_mask": v}, "m") for v in (1, 1.0, True)}
+    assert len(keys) == 3
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "s3.yaml", "cluster-gpu.yaml"])
@@ -198,6 +241,25 @@ def test_read_drops_committed_rows(tmp_path):
     again = read_task(file, 0, 3, ReadSettings(_output(tmp_path), committed=committed))
     # Committed rows leave at read, changed (stale) or not; the e2e resume test counts the stale one.
     assert again.schema == ROW_SCHEMA and again.column("id").to_pylist() == ["new"]
+
+
+def test_read_tasks_put_rows_to_do_first_and_cover_every_row_once(tmp_path):
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    _write(folder / "a.parquet", [{"image_url": "x.png", "prompt": f"p{i}"} for i in range(10)])
+    _write(folder / "b.parquet", [{"image_url": "x.png", "prompt": f"p{i}"} for i in range(7)])
+    a, b = scan_manifest(str(folder)).files
+    committed = np.ones(17, bool)
+    committed[[4, 10 + 2]] = False  # row 4 of a.parquet, row 2 of b.parquet
+    ranges = [(f.name, start, stop) for f, start, stop in task_ranges([a, b], 3, committed)]
+    # The ranges holding those rows first; then the committed ones, contiguous ones merged.
+    assert ranges == [("a.parquet", 3, 6), ("b.parquet", 0, 3), ("a.parquet", 0, 3), ("a.parquet", 6, 10),
+                      ("b.parquet", 3, 7)]  # fmt: skip
+    plain = [(f.name, start, stop) for f, start, stop in task_ranges([a, b], 3)]
+    assert sorted(plain) == plain and len(plain) == 4 + 3
+    for name, rows in (("a.parquet", 10), ("b.parquet", 7)):
+        covered = sorted(i for n, start, stop in ranges if n == name for i in range(start, stop))
+        assert covered == list(range(rows))
 
 
 def test_committed_index_finds_committed_and_stale_rows():
