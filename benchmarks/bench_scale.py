@@ -266,7 +266,6 @@ def main() -> None:
     results: dict[str, object] = {}
     try:
         if "a" in args.parts:
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # quiet, as `evf run` is
             ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         for size in args.sizes if "a" in args.parts else []:
             first, fresh, resumed, ratio = resume_ratio(work, size, args.model, args.repeats)

@@ -37,6 +37,7 @@ from pipelines.config import JobConfig
 from pipelines.dataset import build_dataset, data_context, describe_reservations
 from pipelines.infer import MODEL_ROWS, NODE_PREFIX
 from pipelines.metadata import Committed, list_metadata_files, load_committed, release_arrow_memory
+from pipelines.native_stderr import filtered_native_stderr
 from pipelines.progress import JobProgress, start_counters
 from pipelines.read import CommittedIndex
 from pipelines.summary import JobSummary, RunRecord, summarize_run
@@ -54,16 +55,16 @@ class JobError(RuntimeError):
 def _ray_session(config: JobConfig) -> Iterator[None]:
     """Reuse an initialised Ray, else start one (local, or the configured address); shut it after."""
     # Ray's own notes (token auth, Ray Data's "execution finished", the C++ core worker's line on
-    # actor constructor arguments) are noise to a user of the job: shown with -v only. The C++ side
-    # reads its level from the environment when ray.init starts it (a user's own setting wins).
+    # actor constructor arguments) are noise to a user of the job: shown with -v only.
     verbose = log.isEnabledFor(logging.DEBUG)
     if not verbose:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    quiet = contextlib.nullcontext() if verbose else filtered_native_stderr()
     import ray
 
     if ray.is_initialized():
-        yield
+        with quiet:
+            yield
         return
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
@@ -84,7 +85,8 @@ def _ray_session(config: JobConfig) -> Iterator[None]:
             **kwargs,
         )
     try:
-        yield
+        with quiet:  # entered once Ray's processes run, so that none inherits its pipe
+            yield
     finally:
         ray.shutdown()
 
