@@ -5,7 +5,7 @@ and Ray's core worker then writes a line about it to file descriptor 2 on every 
 ray-project/ray#53727): it is about Ray Data's own arguments, nothing a user of the job can act on.
 Python's logging never sees it, and ``RAY_BACKEND_LOG_LEVEL`` would only swap it for a line per
 Ray process saying that the level was set. So, while a job runs, file descriptor 2 is a pipe
-whose reader forwards everything except lines matching ``NOISE``; Python's own writes to stderr
+whose reader forwards everything except lines matching ``_NOISE``; Python's own writes to stderr
 (the progress line, log records) pass through it unchanged and at once.
 """
 
@@ -18,10 +18,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["NOISE", "filtered_native_stderr"]
+__all__ = ["filtered_native_stderr"]
 
 # A C++ log line: "[2026-12-07 01:19:25,723 E 1895 1895] core_worker.cc:2465: Actor with ..."
-NOISE = re.compile(
+_NOISE = re.compile(
     rb"\[\d{4}-\d\d-\d\d [\d:,]+ [A-Z] \d+ \d+\] core_worker\.cc:\d+: Actor with class name: "
     rb"[^\n]*has constructor arguments in the object store[^\n]*\n"
 )
@@ -30,7 +30,7 @@ _LOG_LINE_START = re.compile(rb"\[\d{4}-")  # where a C++ log line may begin
 
 @contextmanager
 def filtered_native_stderr() -> Iterator[None]:
-    """File descriptor 2 filtered of ``NOISE`` for the duration (restored after, all forwarded).
+    """File descriptor 2 filtered of ``_NOISE`` for the duration (restored after, all forwarded).
     Enter it after Ray has started its processes, so that none of them holds the pipe."""
     sys.stderr.flush()
     try:
@@ -53,16 +53,16 @@ def filtered_native_stderr() -> Iterator[None]:
 
 
 def _forward(source: int, sink: int) -> None:
-    """Copy ``source`` to ``sink`` without ``NOISE``. Text that may be the start of a C++ log line
+    """Copy ``source`` to ``sink`` without ``_NOISE``. Text that may be the start of a C++ log line
     waits for its newline; anything else (the progress line's carriage-return updates) goes on at once."""
     pending = b""
     while chunk := os.read(source, 65536):
-        pending = NOISE.sub(b"", pending + chunk)
+        pending = _NOISE.sub(b"", pending + chunk)
         start = _held_from(pending)
         if start:
             os.write(sink, pending[:start])
         pending = pending[start:]
-    os.write(sink, NOISE.sub(b"", pending))
+    os.write(sink, _NOISE.sub(b"", pending))
     os.close(source)
 
 

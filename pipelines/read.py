@@ -41,10 +41,10 @@ __all__ = [
     "ReadSettings",
     "grounding_id",
     "make_datasource",
-    "task_ranges",
     "parse_row",
     "read_task",
     "request_key",
+    "task_ranges",
 ]
 
 READ_COLUMNS = (ID_COLUMN, *REQUIRED_COLUMNS, *OPTION_NAMES)
@@ -94,16 +94,16 @@ def _key(image_url: str, prompt: Any, options_json: str, model_id: str, groundin
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-class DefaultOptions(NamedTuple):
-    """The options of a row that sets none of its own (the job's defaults over the request's), and
-    their JSON as keys hold it: computed once per read task."""
+class KeyOptions(NamedTuple):
+    """A row's options over the request's defaults, and their JSON as keys hold it. A read task
+    makes one for its rows that set no option of their own (the job's defaults)."""
 
     options: dict[str, Any]
     json: str
 
     @classmethod
-    def of(cls, defaults: Mapping[str, Any]) -> DefaultOptions:
-        options = {**OPTION_DEFAULTS, **defaults}
+    def of(cls, given: Mapping[str, Any]) -> KeyOptions:
+        options = {**OPTION_DEFAULTS, **given}
         return cls(options, _options_json(options))
 
 
@@ -162,17 +162,13 @@ def row_fields(raw: Mapping[str, Any], file: ManifestFile, defaults: Mapping[str
 
 
 def likely_key(
-    fields: RowFields, file: ManifestFile, model_id: str, grounding: str | None, defaults: DefaultOptions
+    fields: RowFields, file: ManifestFile, model_id: str, grounding: str | None, defaults: KeyOptions
 ) -> str | None:
     """The key ``parse_row`` gives this row when it is valid, computed without validating it (a
     resumed run checks millions of committed rows this way). None when the row cannot be keyed so."""
     if not isinstance(fields.image_url, str) or not fields.image_url.strip():
         return None
-    if fields.own_options:
-        options = {**OPTION_DEFAULTS, **fields.options}
-        options_json = _options_json(options)
-    else:
-        options, options_json = defaults
+    options, options_json = KeyOptions.of(fields.options) if fields.own_options else defaults
     image_url = resolve_url(fields.image_url.strip(), file.base)
     return _key(
         image_url, fields.prompt, options_json, model_id, grounding if options["use_grounding_dino"] else None
@@ -308,7 +304,7 @@ def _read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings
         index = _committed_index(index)
     committed = differs = np.zeros(len(raws), bool)
     if index is not None:
-        plain = DefaultOptions.of(defaults)
+        plain = KeyOptions.of(defaults)
         quick = [likely_key(f, file, model_id, settings.grounding, plain) or "" for f in fields]
         committed, differs = index.lookup([f.id for f in fields], quick)
     todo: list[JobRow] = []
