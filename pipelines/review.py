@@ -7,8 +7,9 @@ Layout (beside the output unless the caller names the page)::
     <output>/review_files/thumbs/<hash of the row id>.jpg
 
 A thumbnail is the image scaled so that its longer side is at most ``thumbnail_size`` pixels, with
-the row's mask over it (magenta fill at 45 % and a contour drawn black-under-white, visible on any
-image) and, when the manifest has ground truth (``mask_url``), the ground-truth contour in cyan.
+the row's mask over it (``evf.overlay``: magenta fill at 45 % and a contour drawn
+black-under-white, visible on any image) and, when the manifest has ground truth (``mask_url``),
+the ground-truth contour in cyan.
 Thumbnails are made by a thread pool, one task per distinct image (an image is read and scaled once
 for all its rows). The page holds the row data as one array and renders one page of rows at a time
 (200), so it stays responsive at 100,000 rows.
@@ -34,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from evf.io import load_image, load_mask, write_bytes
+from evf.overlay import outline, paint_mask
 from evf.postprocess import decode_rle
 from evf.storage import join_uri
 from pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
@@ -45,7 +47,6 @@ __all__ = ["PAGE_SIZE", "review_rows", "thumbnail", "write_review"]
 
 PAGE_SIZE = 200
 HISTOGRAM_BINS = 20
-MASK_FILL_RGB = (255, 0, 200)
 GROUND_TRUTH_RGB = (0, 255, 255)
 ROW_COLUMNS = ("id", "thumb", "prompt", "negative_prompt", "status", "score", "area", "error", "reason")
 
@@ -54,12 +55,6 @@ def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """bool (h, w) of a bool (H, W) mask scaled to ``size`` = (w, h) by area averaging."""
     scaled = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     return scaled >= 0.5
-
-
-def _outline(canvas: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int]) -> None:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, (0, 0, 0), 3, lineType=cv2.LINE_8)
-    cv2.drawContours(canvas, contours, -1, rgb, 1, lineType=cv2.LINE_8)
 
 
 def thumbnail(
@@ -82,12 +77,9 @@ def thumbnail(
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
     canvas = cv2.resize(image, target, interpolation=cv2.INTER_AREA) if scale < 1 else image.copy()
     if mask is not None:
-        small = _scaled_mask(mask, target)
-        fill = np.array(MASK_FILL_RGB, np.float32)
-        canvas[small] = (0.55 * canvas[small] + 0.45 * fill).astype(np.uint8)
-        _outline(canvas, small, (255, 255, 255))
+        paint_mask(canvas, _scaled_mask(mask, target))
     if ground_truth is not None:
-        _outline(canvas, _scaled_mask(ground_truth, target), GROUND_TRUTH_RGB)
+        outline(canvas, _scaled_mask(ground_truth, target), GROUND_TRUTH_RGB)
     return canvas
 
 

@@ -11,19 +11,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from evf import EvfSam2Predictor, segment  # noqa: E402
+from evf.overlay import overlay  # noqa: E402
 from evf.synthetic import generate_scene  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "images" / "demo.png"
 SEED = 9999  # never used in training
-
-
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = image.astype(np.float32)
-    out[mask > 0] = 0.45 * out[mask > 0] + 0.55 * np.array([255, 0, 255])
-    return out.astype(np.uint8)
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from evf.overlay import MASK_FILL_RGB
 from pipelines.commit import OutputLayout, write_metadata
 from pipelines.metadata import read_metadata
-from pipelines.review import GROUND_TRUTH_RGB, MASK_FILL_RGB, PAGE_SIZE, thumbnail, write_review
+from pipelines.review import GROUND_TRUTH_RGB, PAGE_SIZE, thumbnail, write_review
 from pipelines.workers import error_kind
 
 CHROMIUM_ARGS = [
