@@ -5,7 +5,8 @@ the mask decoder and the mask loss and asks the image encoder alone the hardest 
 question, with the strongest signal there is: dense per-pixel labels (which of the 7 shapes covers
 each object pixel of a synthetic scene; background pixels are ignored). The encoder is the demo
 model's SAM 2 image encoder (Hiera trunk + FPN neck, random init, the sine-cosine positions
-``evf train`` gives new models) with a 1x1 conv head on its three levels.
+``evf train`` gives new models) with ``evf train``'s training-only ``DenseHead`` (a 1x1 conv on its
+three levels; ``loss.dense`` in a training config), trained here on its shape labels only.
 
 Recipes, trained side by side in one process on the same batches (each step runs every recipe,
 alternating which goes first, so a busy machine slows them alike):
@@ -47,6 +48,7 @@ from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.synthetic import SHAPES, generate_scene
 from evf.training.config import InitSpec
+from evf.training.dense_head import DenseHead, cell_labels, label_maps
 from evf.training.init import hiera_attention, init_image_encoder_positions, mimetic_init
 from evf.training.trainer import decay_groups, lr_factor
 from evf.transforms import normalize_sam, prepare_sam_multitask
@@ -79,30 +81,25 @@ def scenes(seed: int, start: int, count: int, size: int) -> tuple[Tensor, Tensor
     for index in range(start, start + count):
         scene = generate_scene(seed, index)
         pixels.append(normalize_sam(prepare_sam_multitask(scene.image, size), size, torch.float32))
-        label = np.zeros(scene.image.shape[:2], np.float32)
-        for obj in scene.objects:
-            label[obj.mask] = SHAPES.index(obj.shape) + 1
-        low = F.interpolate(torch.from_numpy(label)[None, None], (size // 4, size // 4), mode="nearest")
-        labels.append(low[0, 0].long())
+        labels.append(cell_labels(label_maps(scene), size // 4)[0])
     return torch.stack(pixels), torch.stack(labels)
 
 
 class HieraProbe(nn.Module):
-    """The demo model's SAM 2 image encoder at input ``size``, a 1x1 conv head on its upsampled levels."""
+    """The demo model's SAM 2 image encoder at input ``size`` with a ``DenseHead`` (of which the
+    probe trains the shape logits only)."""
 
     def __init__(self, size: int, mimetic: bool) -> None:
         super().__init__()
         config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
         config["sam2"]["overrides"].append(f"++model.image_size={size}")
-        self.size = size
         self.model = EvfSam2Model(EvfSam2Config.from_dict(config))
         init_image_encoder_positions(self.model)  # as `evf train` does for a new model
         if mimetic:
             spec = InitSpec()
             for attention in hiera_attention(self.model):
                 mimetic_init(attention, spec.mimetic_qk, spec.mimetic_vo)
-        d_model = self.model.visual_model.image_encoder.neck.d_model  # levels: d, d/4 (s1), d/8 (s0)
-        self.head = nn.Conv2d(d_model + d_model // 4 + d_model // 8, len(SHAPES) + 1, 1)
+        self.head = DenseHead(self.model.visual_model.image_encoder.neck.d_model)
 
     def trainable(self) -> list[nn.Parameter]:
         decoder = self.model.visual_model.sam_mask_decoder  # conv_s0/conv_s1 make the high-res levels
@@ -111,10 +108,7 @@ class HieraProbe(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         """(N, 3, S, S) -> (N, 1 + shapes, S/4, S/4) logits."""
-        features = self.model.encode_images(pixels)
-        size = (self.size // 4, self.size // 4)
-        levels = [features.image_embed, *reversed(features.high_res)]
-        return self.head(torch.cat([F.interpolate(x.float(), size, mode="bilinear") for x in levels], dim=1))
+        return self.head(self.model.encode_images(pixels))[0]
 
 
 class Arm:
@@ -143,7 +137,7 @@ class Arm:
         began = time.perf_counter()
         with torch.autocast("cpu", torch.bfloat16, enabled=self.recipe.bf16):
             # object pixels only: the question is which shape, not where the objects are
-            loss = F.cross_entropy(self.net(pixels).float(), labels, ignore_index=0)
+            loss = F.cross_entropy(self.net(pixels), labels, ignore_index=0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip is not None:

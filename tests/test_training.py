@@ -15,10 +15,11 @@ from evf.config import ConfigError
 from evf.metrics import evaluate_synthetic
 from evf.model.checkpoint import DEMO_MODEL_DIR
 from evf.predictor import EvfSam2Predictor
-from evf.synthetic import generate_scene, vocabulary_corpus, write_dataset
+from evf.synthetic import SHAPES, generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
 from evf.training import TrainConfig, build_tokenizer, train
 from evf.training.data import ManifestImages, StepBatches, phrase_mask, scene_targets
+from evf.training.dense_head import COLOUR_NAMES, cell_labels, label_maps
 from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
 from evf.training.tokenizer import tokenizer_files
 from evf.training.trainer import LOG_FILE, STATE_FILE, Trainer, lr_factor
@@ -86,6 +87,9 @@ def tiny_config(output_dir: Path, **changes: object) -> dict:
     }
     config.update(changes)
     return config
+
+
+DENSE_LOSS = {"dense": 1.0}
 
 
 def write_config(path: Path, config: dict) -> str:
@@ -169,6 +173,11 @@ def test_new_model_may_freeze_parts_and_scale_their_learning_rate(tmp_path: Path
     config["optimizer"]["lr_scale"] = {"image_encoder": 0.1}
     with pytest.raises(ConfigError, match="not trained: image_encoder"):
         TrainConfig.from_yaml(write_config(tmp_path / "bad-scale.yaml", config))
+
+    config["optimizer"]["lr_scale"] = {}
+    config["loss"] = DENSE_LOSS
+    with pytest.raises(ConfigError, match="loss.dense .* image_encoder in train"):
+        TrainConfig.from_yaml(write_config(tmp_path / "frozen-shape.yaml", config))
 
 
 def test_new_model_image_encoder_tells_positions_apart(tmp_path: Path) -> None:
@@ -267,12 +276,36 @@ def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> 
     source = ManifestImages(manifest)
     assert len(source) == 3
     scene = generate_scene(7, 1)
-    image, targets = source.load(1)
-    assert np.array_equal(image, scene.image)
+    example = source.load(1)
+    targets = example.targets
+    assert np.array_equal(example.image, scene.image) and example.shapes is None
     expected = [e for e in scene.expressions if e.kind != "negative"]
     assert [(t.prompt, t.semantic) for t in targets] == [(e.prompt, e.semantic) for e in expected]
     for target, expr in zip(targets, expected, strict=True):
         assert np.array_equal(target.mask, expr.mask)
+
+
+def test_dense_labels_name_the_shape_and_colour_on_top_in_each_cell() -> None:
+    scene = generate_scene(5, 3)
+    maps = label_maps(scene)
+    for obj in scene.objects:  # visible masks: later objects are cut out of earlier ones
+        assert (maps[0][obj.mask] == SHAPES.index(obj.shape) + 1).all()
+        assert (maps[1][obj.mask] == COLOUR_NAMES.index(obj.colour) + 1).all()
+    assert (maps[:, ~np.logical_or.reduce([o.mask for o in scene.objects])] == 0).all()
+    labels = maps[0]
+    h, w = labels.shape
+    both = cell_labels(maps, 64)
+    assert both.shape == (2, 64, 64) and both.dtype == torch.int64
+    assert set(both[1].unique().tolist()) == {0, *(COLOUR_NAMES.index(o.colour) + 1 for o in scene.objects)}
+    cells = both[0]
+    # a cell wholly inside one label (scaled to the 64x64 grid: image y = (row + 0.5) * h / 64)
+    for row, col in [(r, c) for r in range(0, 64, 7) for c in range(0, 64, 7)]:
+        ys = slice(int(row * h / 64), int(np.ceil((row + 1) * h / 64)))
+        xs = slice(int(col * w / 64), int(np.ceil((col + 1) * w / 64)))
+        values = np.unique(labels[ys, xs])
+        if len(values) == 1:
+            assert cells[row, col] == values[0], (row, col)
+    assert set(cells.unique().tolist()) == {0, *(SHAPES.index(o.shape) + 1 for o in scene.objects)}
 
 
 def test_step_batches_depend_only_on_the_step() -> None:
@@ -289,11 +322,13 @@ def test_step_batches_depend_only_on_the_step() -> None:
 def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An uninterrupted run.
     straight = tmp_path / "straight"
-    final = train(write_config(tmp_path / "a.yaml", tiny_config(straight)))
+    # With the training-only dense head, so that resuming covers its weights too.
+    final = train(write_config(tmp_path / "a.yaml", tiny_config(straight, loss=DENSE_LOSS)))
     assert final == straight / "checkpoint-30"
     log = read_log(straight)
     assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], log
+    assert log[-1]["shape"] < log[0]["shape"] and log[-1]["colour"] < log[0]["colour"], log
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
 
     predictor = EvfSam2Predictor.from_pretrained(final)
@@ -304,7 +339,7 @@ def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: 
 
     # The same recipe, interrupted after the checkpoint at step 15, then re-run.
     resumed = tmp_path / "resumed"
-    config_path = write_config(tmp_path / "b.yaml", tiny_config(resumed))
+    config_path = write_config(tmp_path / "b.yaml", tiny_config(resumed, loss=DENSE_LOSS))
     original_step = Trainer._step
     calls = {"n": 0}
 
@@ -324,8 +359,11 @@ def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: 
         train(config_path, resume=False)
     assert train(config_path) == resumed / "checkpoint-30"
     assert [r["step"] for r in read_log(resumed)] == [5, 10, 15, 20, 25, 30]
-    a = torch.load(straight / "checkpoint-30" / STATE_FILE, weights_only=True)["model"]
-    b = torch.load(resumed / "checkpoint-30" / STATE_FILE, weights_only=True)["model"]
+    state_a = torch.load(straight / "checkpoint-30" / STATE_FILE, weights_only=True)
+    state_b = torch.load(resumed / "checkpoint-30" / STATE_FILE, weights_only=True)
+    a = {**state_a["model"], **{f"dense_head.{k}": v for k, v in state_a["dense_head"].items()}}
+    b = {**state_b["model"], **{f"dense_head.{k}": v for k, v in state_b["dense_head"].items()}}
+    assert len(a) == len(b) > len(state_a["model"])
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert train(config_path) == resumed / "checkpoint-30"  # already done: nothing to do

@@ -104,6 +104,9 @@ class LossSpec(StrictModel):
     bce: float = Field(1.0, ge=0)
     dice: float = Field(1.0, ge=0)
     iou: float = Field(1.0, ge=0)
+    # > 0: the training-only DenseHead's cross-entropies on the synthetic scenes' per-pixel shape
+    # and colour labels (evf.training.dense_head)
+    dense: float = Field(0.0, ge=0)
 
 
 class TrainConfig(StrictModel):
@@ -162,6 +165,11 @@ class TrainConfig(StrictModel):
         if self.init_from is not None and self.init.mimetic_attention:
             raise ValueError(
                 "init.mimetic_attention initialises a new model; init_from loads trained weights"
+            )
+        if self.loss.dense > 0 and (self.data.synthetic is None or "image_encoder" not in self.train):
+            raise ValueError(
+                "loss.dense trains the image encoder on the synthetic scenes' shape and colour labels: "
+                "it needs data.synthetic and image_encoder in train"
             )
         untrained = sorted(set(self.optimizer.lr_scale) - set(self.train))
         if untrained:

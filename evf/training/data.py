@@ -1,6 +1,6 @@
 """Training samples: an image, prepared exactly as the predictor prepares it, and its prompt targets.
 
-Two sources give ``(image, targets)`` pairs:
+Two sources give an ``Example`` (an image and its targets) per index:
 
 - ``SyntheticScenes``: ``evf.synthetic.generate_scene`` on the fly. Referring and semantic
   expressions are used as they are (semantic ones with ``semantic=True``, i.e. the
@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from evf.synthetic import PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
+from evf.training.dense_head import cell_labels, label_maps
 from evf.training.losses import cell_coverage
 from evf.transforms import Preprocessor
 
@@ -45,6 +46,17 @@ class Target:
 
 
 @dataclass
+class Example:
+    """What a source gives for one image: the (H, W, 3) uint8 RGB image, its targets (at least
+    one) and, where the source knows them, per-pixel shape and colour labels
+    (``dense_head.label_maps``)."""
+
+    image: np.ndarray
+    targets: list[Target]
+    labels: np.ndarray | None = None
+
+
+@dataclass
 class TrainSample:
     """One image as the predictor prepares it, with the P targets chosen for this step.
 
@@ -52,12 +64,15 @@ class TrainSample:
     beit3_pixels: (3, s, s) float32.
     prompts: P (text, semantic) pairs, 1 <= P <= prompts_per_image.
     coverage: (P, S/4, S/4) float32, the target masks as low-res cell coverage (``cell_coverage``).
+    dense_labels: (2, S/4, S/4) int64 shape and colour class of each cell
+        (``dense_head.cell_labels``), or None when the source has no such labels.
     """
 
     sam_pixels: Tensor
     beit3_pixels: Tensor
     prompts: list[tuple[str, bool]]
     coverage: Tensor
+    dense_labels: Tensor | None = None
 
 
 class ImageSource(Protocol):
@@ -65,8 +80,8 @@ class ImageSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
-        """(H, W, 3) uint8 RGB image and its targets (at least one)."""
+    def load(self, index: int) -> Example:
+        """Image ``index`` with its targets."""
         ...
 
     def corpus(self) -> list[str]:
@@ -141,9 +156,10 @@ class SyntheticScenes:
     def __len__(self) -> int:
         return self.count
 
-    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
+    def load(self, index: int) -> Example:
         scene = generate_scene(self.seed, index)
-        return scene.image, (every_phrase_target if self.every_phrase else scene_targets)(scene)
+        targets = (every_phrase_target if self.every_phrase else scene_targets)(scene)
+        return Example(scene.image, targets, label_maps(scene))
 
     def corpus(self) -> list[str]:
         return vocabulary_corpus()
@@ -191,7 +207,7 @@ class ManifestImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> tuple[np.ndarray, list[Target]]:
+    def load(self, index: int) -> Example:
         from evf.io import load_image, load_mask
 
         uri = self.images[index]
@@ -205,7 +221,7 @@ class ManifestImages:
                     f"{uri!r} is {image.shape[1]}x{image.shape[0]}"
                 )
             targets.append(Target(prompt, semantic, mask))
-        return image, targets
+        return Example(image, targets)
 
     def corpus(self) -> list[str]:
         return [prompt for rows in self.rows for prompt, _, _ in rows]
@@ -236,18 +252,20 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> TrainSample:
         index, step = key
-        image, targets = self.source.load(index)
+        example = self.source.load(index)
+        targets = example.targets
         if len(targets) > self.prompts_per_image:
             rng = np.random.default_rng([self.seed, index, step])
             chosen = sorted(rng.choice(len(targets), self.prompts_per_image, replace=False))
             targets = [targets[i] for i in chosen]
         masks = torch.from_numpy(np.stack([t.mask for t in targets]))
-        prepared = self.preprocessor(image)
+        prepared = self.preprocessor(example.image)
         return TrainSample(
             prepared.sam_pixels,
             prepared.beit3_pixels,
             [(t.prompt, t.semantic) for t in targets],
             cell_coverage(masks, self.mask_size),
+            None if example.labels is None else cell_labels(example.labels, self.mask_size),
         )
 
 

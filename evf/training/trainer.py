@@ -46,6 +46,7 @@ from evf.training.data import (
     TrainDataset,
     TrainSample,
 )
+from evf.training.dense_head import DenseHead
 from evf.training.init import (
     beit3_attention,
     hiera_attention,
@@ -143,7 +144,10 @@ class Trainer:
         self.model = self._build_model()
         self.mode = resolve_mode(None, self.model.config.inference_mode, self.tokenizer.supports_semantic)
         self.trainable_by_part = self._set_trainable(config.train)
+        self.dense_head = self._build_dense_head()
         self.trainable = [p for params in self.trainable_by_part.values() for p in params]
+        if self.dense_head is not None:
+            self.trainable += list(self.dense_head.parameters())
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
@@ -186,6 +190,14 @@ class Trainer:
                 mimetic_init(attention, init.mimetic_qk, init.mimetic_vo)
         return model
 
+    def _build_dense_head(self) -> DenseHead | None:
+        """The training-only ``DenseHead`` when ``loss.dense`` > 0 (never saved in a checkpoint's
+        model files; its weights travel in ``trainer_state.pt``)."""
+        if self.config.loss.dense == 0:
+            return None
+        torch.manual_seed(self.config.seed)
+        return DenseHead(self.model.visual_model.image_encoder.neck.d_model).to(self.device)
+
     def _set_trainable(self, parts: list[Part]) -> dict[Part, list[nn.Parameter]]:
         """Freeze everything outside ``parts``; returns the trainable parameters of each part."""
         by_part: dict[Part, list[nn.Parameter]] = {part: [] for part in parts}
@@ -205,6 +217,8 @@ class Trainer:
             for part, params in self.trainable_by_part.items()
             for group in decay_groups(params, opt.weight_decay, opt.lr * opt.lr_scale.get(part, 1.0))
         ]
+        if self.dense_head is not None:
+            groups += decay_groups(list(self.dense_head.parameters()), opt.weight_decay, opt.lr)
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -221,6 +235,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.dense_head is not None:
+            state["dense_head"] = self.dense_head.state_dict()
         torch.save(state, staging / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -234,6 +250,8 @@ class Trainer:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.model.refresh_image_pe()
+        if self.dense_head is not None:
+            self.dense_head.load_state_dict(state["dense_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -332,6 +350,11 @@ class Trainer:
         mask_loss = (weights.bce * terms.bce + weights.dice * terms.dice).mean()
         iou_loss = terms.iou_mse.mean()
         loss = mask_loss + weights.iou * iou_loss
+        dense_metrics: dict[str, float] = {}
+        if self.dense_head is not None:
+            labels = torch.stack([s.dense_labels for s in batch if s.dense_labels is not None]).to(device)
+            dense_loss, dense_metrics = self.dense_head.loss(embeddings, labels)
+            loss = loss + weights.dense * dense_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.optimizer.grad_clip is not None:
@@ -345,4 +368,5 @@ class Trainer:
             "iou_mse": float(iou_loss.detach()),
             # IoU of the output the predictor would pick (highest predicted IoU)
             "iou": float(terms.iou.gather(1, pred_iou.argmax(dim=1, keepdim=True)).mean()),
+            **dense_metrics,
         }
