@@ -278,7 +278,7 @@ def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> 
     scene = generate_scene(7, 1)
     example = source.load(1)
     targets = example.targets
-    assert np.array_equal(example.image, scene.image) and example.shapes is None
+    assert np.array_equal(example.image, scene.image) and example.labels is None
     expected = [e for e in scene.expressions if e.kind != "negative"]
     assert [(t.prompt, t.semantic) for t in targets] == [(e.prompt, e.semantic) for e in expected]
     for target, expr in zip(targets, expected, strict=True):
