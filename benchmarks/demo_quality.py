@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evf.metrics import mask_counts
+from evf.metrics import iou_of, mask_counts
 from evf.predictor import EvfSam2Predictor, Prompt
 from evf.synthetic import COLOURS, SHAPES, SIZES, SPATIAL, generate_scene
 
@@ -61,8 +61,7 @@ def by_phrase_kind(predictor: EvfSam2Predictor, count: int) -> dict[str, list[fl
         )
         for (_, exprs), predictions in zip(asked, results, strict=True):
             for expr, prediction in zip(exprs, predictions, strict=True):
-                inter, union = mask_counts(prediction.mask, expr.mask)
-                ious[phrase_kind(expr.prompt)].append(inter / union if union else 1.0)
+                ious[phrase_kind(expr.prompt)].append(iou_of(*mask_counts(prediction.mask, expr.mask)))
     return ious
 
 
@@ -130,8 +129,9 @@ def drawn_scores(predictor: EvfSam2Predictor, count: int) -> dict[str, list[floa
         image, prompts = drawn_scene(rng)
         predictions = predictor.predict_batch([image], [[Prompt(p) for p, _ in prompts]])[0]
         for (prompt, mask), prediction in zip(prompts, predictions, strict=True):
-            inter, union = mask_counts(prediction.mask, mask)
-            ious["colour shape" if " " in prompt else "shape"].append(inter / union)
+            ious["colour shape" if " " in prompt else "shape"].append(
+                iou_of(*mask_counts(prediction.mask, mask))
+            )
     return ious
 
 

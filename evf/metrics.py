@@ -34,6 +34,7 @@ __all__ = [
     "Scores",
     "derive_kind",
     "evaluate_synthetic",
+    "iou_of",
     "mask_counts",
 ]
 
@@ -45,6 +46,11 @@ def mask_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
     if prediction.shape != truth.shape:
         raise ValueError(f"mask shape {prediction.shape} differs from ground truth shape {truth.shape}")
     return int(np.count_nonzero(prediction & truth)), int(np.count_nonzero(prediction | truth))
+
+
+def iou_of(intersection: int, union: int) -> float:
+    """``intersection / union``; 1.0 when both masks are empty (the right answer to nothing)."""
+    return intersection / union if union else 1.0
 
 
 def _truthy(value: Any) -> bool:
@@ -81,7 +87,7 @@ class RowResult:
         """``intersection / union``; 1.0 when both masks are empty; 0.0 for error rows."""
         if self.status == "error":
             return 0.0
-        return self.intersection / self.union if self.union else 1.0
+        return iou_of(self.intersection, self.union)
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,14 @@ class DenseHead(nn.Module):
     def loss(self, embeddings: ImageEmbeddings, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Shape + colour cross-entropy on the object cells of ``labels`` (N, 2, S/4, S/4), and the
         loss and accuracy of each there (for the training log)."""
-        total = torch.zeros(())
+        losses: list[Tensor] = []
         metrics: dict[str, float] = {}
         for name, logits, target in zip(
             ("shape", "colour"), self.forward(embeddings), labels.unbind(1), strict=True
         ):
             loss = F.cross_entropy(logits, target, ignore_index=0)
-            total = total + loss
+            losses.append(loss)
             on_object = target > 0
             metrics[name] = float(loss.detach())
             metrics[f"{name}_acc"] = float((logits.argmax(1)[on_object] == target[on_object]).float().mean())
-        return total, metrics
+        return losses[0] + losses[1], metrics
