@@ -18,9 +18,10 @@ outside the timed path). On CUDA also ``fp16``, images per call 1/4/8/16, and pe
 
 Target (issue 16), on a 2-core CPU: auto+compile median s/image <= 0.20 x fp32, mean IoU >= 0.98 on
 >= 8 images x 2 prompts. ``--profile`` prints where the time goes (torch.profiler, per op category).
-``--job`` adds the whole job on these weights (``bench_pipeline.py``'s pipeline vs bare loop).
+``--job`` adds the whole job on these weights (``bench_pipeline.py``'s pipeline vs bare loop);
+``--job-only`` runs just that.
 
-    .venv/bin/python benchmarks/bench_real_size.py [--images 8] [--prompts 2 1 4] [--profile] [--job]
+    .venv/bin/python benchmarks/bench_real_size.py [--images 8] [--prompts 2 1 4] [--profile] [--job [ROWS]]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ REAL_SIZE = EvfSam2Config(
     BEIT3_SCALES["large"], SAM2_SCALES["large"], hidden_size=1024, out_dim=256, inference_mode="multitask"
 )
 IMAGE_SIZES = ((480, 640), (600, 400))  # (H, W)
+JOB_ROWS = 24  # default manifest rows of --job: a few dozen, as issue 16 asks
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
 CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
 
@@ -337,11 +339,12 @@ def main() -> None:
         "--job",
         type=int,
         nargs="?",
-        const=24,
+        const=JOB_ROWS,
         default=0,
         metavar="ROWS",
-        help="also time the whole job on ROWS manifest rows (default 24)",
+        help=f"also time the whole job on ROWS manifest rows (default {JOB_ROWS})",
     )
+    parser.add_argument("--job-only", action="store_true", help="time only the whole job (implies --job)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
@@ -349,6 +352,9 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     per_call_options = [1, 4, 8, 16] if device.type == "cuda" else [1]
     folder = real_size_checkpoint(args.dir)
+    if args.job_only:
+        whole_job(folder, args.job or JOB_ROWS)
+        return
     variants = load_variants(folder, args.device, not args.no_compile)
     data = scenes(max(args.images, max(per_call_options)))
     peak = device_peak(device)
