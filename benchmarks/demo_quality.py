@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evf.metrics import iou_of, mask_counts
+from evf.metrics import evaluate_synthetic, iou_of, mask_counts
 from evf.predictor import EvfSam2Predictor, Prompt
 from evf.synthetic import COLOURS, SHAPES, SIZES, SPATIAL, generate_scene
 
@@ -50,30 +50,27 @@ def phrase_kind(phrase: str) -> str:
 
 
 def by_phrase_kind(predictor: EvfSam2Predictor, count: int) -> dict[str, list[float]]:
-    """IoU of every referring expression of held-out scenes ``0..count-1``, by ``phrase_kind``."""
+    """IoU of every referring expression of held-out scenes ``0..count-1``, by ``phrase_kind``
+    (scored by ``evaluate_synthetic``, whose rows follow the scenes' expressions in order)."""
+    report = evaluate_synthetic(predictor, HELD_OUT_SEED, count)
+    expressions = [e for i in range(count) for e in generate_scene(HELD_OUT_SEED, i).expressions]
     ious: dict[str, list[float]] = defaultdict(list)
-    for first in range(0, count, 8):
-        scenes = [generate_scene(HELD_OUT_SEED, i) for i in range(first, min(first + 8, count))]
-        asked = [(s, [e for e in s.expressions if e.kind == "referring"]) for s in scenes]
-        asked = [(scene, exprs) for scene, exprs in asked if exprs]
-        results = predictor.predict_batch(
-            [scene.image for scene, _ in asked], [[Prompt(e.prompt) for e in exprs] for _, exprs in asked]
-        )
-        for (_, exprs), predictions in zip(asked, results, strict=True):
-            for expr, prediction in zip(exprs, predictions, strict=True):
-                ious[phrase_kind(expr.prompt)].append(iou_of(*mask_counts(prediction.mask, expr.mask)))
+    for row, expr in zip(report.rows, expressions, strict=True):
+        assert row.kind == expr.kind, (row, expr.prompt)
+        if row.kind == "referring":
+            ious[phrase_kind(expr.prompt)].append(row.iou)
     return ious
 
 
 def outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """Polygon vertices of ``shape`` with circumradius ``r`` (circles: a 64-gon)."""
-    turns = {"square": 4, "triangle": 3, "hexagon": 6, "diamond": 4, "circle": 64}
+    turns = {"square": 4, "triangle": 3, "hexagon": 6, "circle": 64}
+    if shape == "diamond":  # a rhombus, taller than wide
+        return [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)]
     if shape in turns:
         n = turns[shape]
         offset = angle + (math.pi / 4 if shape == "square" else 0.0)
         radii = [r] * n
-        if shape == "diamond":  # a rhombus, taller than wide
-            return [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)]
     elif shape == "star":
         n, offset = 10, angle - math.pi / 2
         radii = [r if k % 2 == 0 else 0.42 * r for k in range(n)]
