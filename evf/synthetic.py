@@ -42,6 +42,7 @@ COLOURS = {  # RGB; saturated or extreme so they stand out from the muted backgr
     "black": (20, 20, 20),
 }
 SIZES = {"small": (0.09, 0.12), "big": (0.18, 0.24)}  # circumradius as a fraction of the short side
+ARTICLE = "the"  # every referring phrase starts with it
 SPATIAL = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 KINDS = ("referring", "semantic", "negative")
 
@@ -211,12 +212,14 @@ def _spatial_words(obj: SceneObject, other: SceneObject, h: int, w: int) -> list
     return words
 
 
-def referring_candidates(objects: list[SceneObject], i: int, h: int, w: int) -> list[str]:
+def referring_candidates(
+    objects: list[SceneObject], i: int, h: int, w: int, every_position: bool = False
+) -> list[str]:
     """All phrases that name ``objects[i]`` and no other object, shortest first.
 
     A phrase is ``the [size] [colour] shape-name|"shape"`` (colour or shape name required).
-    Only when no such phrase is unique, a position phrase is appended to one that matches exactly
-    two objects whose centres are clearly apart along that axis.
+    Only when no such phrase is unique (or always, with ``every_position``), a position phrase is
+    appended to one that matches exactly two objects whose centres are clearly apart along that axis.
     """
     obj, out, spatial = objects[i], [], []
     for use_size, use_colour, use_shape in itertools.product((False, True), repeat=3):
@@ -229,14 +232,14 @@ def referring_candidates(objects: list[SceneObject], i: int, h: int, w: int) -> 
             and (not use_colour or o.colour == obj.colour)
             and (not use_shape or o.shape == obj.shape)
         ]
-        words = ["the"] + [obj.size_word] * use_size + [obj.colour] * use_colour
+        words = [ARTICLE] + [obj.size_word] * use_size + [obj.colour] * use_colour
         words.append(obj.shape if use_shape else "shape")
         if len(group) == 1:
             out.append(" ".join(words))
         elif len(group) == 2:
             other = group[0] if group[1] is obj else group[1]
             spatial += [" ".join([*words, s]) for s in _spatial_words(obj, other, h, w)]
-    return sorted(out or spatial, key=lambda s: (len(s.split()), s))
+    return sorted((out + spatial) if every_position else (out or spatial), key=lambda s: (len(s.split()), s))
 
 
 def _pick(rng: np.random.Generator, candidates: list[str]) -> str:
@@ -310,7 +313,7 @@ def vocabulary_corpus() -> list[str]:
     for size, colour, noun in itertools.product([None, *SIZES], [None, *COLOURS], [*SHAPES, "shape"]):
         if colour is None and noun == "shape":
             continue
-        base = " ".join(w for w in ("the", size, colour, noun) if w)
+        base = " ".join(w for w in (ARTICLE, size, colour, noun) if w)
         sentences += [base] + [f"{base} {s}" for s in SPATIAL.values()]
     sentences += [f"all {PLURALS[s]}" for s in SHAPES] + [f"all {c} shapes" for c in COLOURS]
     return [*sentences, "background"]

@@ -20,6 +20,7 @@ from evf.synthetic import (
     SceneObject,
     generate_scene,
     iter_scenes,
+    referring_candidates,
     vocabulary_corpus,
     write_dataset,
 )
@@ -116,6 +117,20 @@ def test_referring_expressions_are_unique(scenes):
             assert len(matches) == 1
             assert resolve(expr.prompt, scene) == matches, expr.prompt
     assert n_named >= 0.9 * n_objects
+
+
+def test_every_position_adds_position_phrases_that_still_name_one_object(scenes):
+    added = 0
+    for scene in scenes:
+        h, w = scene.image.shape[:2]
+        for i, obj in enumerate(scene.objects):
+            needed = referring_candidates(scene.objects, i, h, w)
+            every = referring_candidates(scene.objects, i, h, w, every_position=True)
+            assert set(needed) <= set(every)
+            for prompt in every:
+                assert resolve(prompt, scene) == [obj], prompt
+            added += len(set(every) - set(needed))
+    assert added > 20, "objects that a shorter phrase names should also get position phrases"
 
 
 def test_semantic_masks_are_unions(scenes):

@@ -18,7 +18,7 @@ from evf.predictor import EvfSam2Predictor
 from evf.synthetic import SHAPES, generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
 from evf.training import TrainConfig, build_tokenizer, train
-from evf.training.data import ManifestImages, StepBatches, phrase_mask, scene_targets
+from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
 from evf.training.dense_head import COLOUR_NAMES, cell_labels, label_maps
 from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
 from evf.training.tokenizer import tokenizer_files
@@ -269,6 +269,25 @@ def test_negative_expressions_become_two_positive_targets() -> None:
             assert np.array_equal(negative, phrase_mask(scene, expr.negative_prompt))
             checked += 1
     assert checked > 10
+
+
+def test_drop_article_shortens_a_share_of_referring_phrases_only() -> None:
+    plain = SyntheticScenes(5, 100, every_phrase=True)
+    dropped = SyntheticScenes(5, 100, every_phrase=True, drop_article=0.3)
+    referring = shortened = 0
+    for index in range(60):
+        before, after = plain.load(index).targets, dropped.load(index).targets
+        assert len(before) == len(after)
+        for b, a in zip(before, after, strict=True):
+            assert np.array_equal(a.mask, b.mask) and a.semantic == b.semantic
+            if b.semantic:
+                assert a.prompt == b.prompt
+                continue
+            referring += 1
+            assert a.prompt in (b.prompt, b.prompt[len("the ") :])
+            shortened += a.prompt != b.prompt
+        assert [t.prompt for t in dropped.load(index).targets] == [t.prompt for t in after]
+    assert 0.2 < shortened / referring < 0.4
 
 
 def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> None:

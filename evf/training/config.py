@@ -38,11 +38,17 @@ class SyntheticSpec(StrictModel):
 
     every_phrase: train on every phrase that names something in a scene (each referring phrase of
         each object, each group, background) rather than only the expressions the generator drew.
+    every_position: with every_phrase, also the position phrase ("the circle on the left") of
+        every object that shares its description with one other, not only where nothing shorter
+        names it.
+    drop_article: the share of referring phrases trained without their leading "the".
     """
 
     seed: int
     count: int = Field(gt=0)
     every_phrase: bool = False
+    every_position: bool = False
+    drop_article: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class DataSpec(StrictModel):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from evf.synthetic import PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
+from evf.synthetic import ARTICLE, PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
 from evf.training.dense_head import cell_labels, label_maps
 from evf.training.losses import cell_coverage
 from evf.transforms import Preprocessor
@@ -124,16 +124,17 @@ def scene_targets(scene: Scene) -> list[Target]:
     return list(targets.values())
 
 
-def every_phrase_target(scene: Scene) -> list[Target]:
+def every_phrase_target(scene: Scene, every_position: bool = False) -> list[Target]:
     """Every phrase the generator could have drawn for ``scene``: each referring phrase of each
-    object (``referring_candidates``), each group (``all circles``, ``all red shapes``, semantic)
-    and ``background`` (semantic). A superset of ``scene_targets``."""
+    object (``referring_candidates``; with ``every_position`` also the position phrases of objects
+    that a shorter phrase already names), each group (``all circles``, ``all red shapes``,
+    semantic) and ``background`` (semantic). A superset of ``scene_targets``."""
     objects = scene.objects
     h, w = scene.image.shape[:2]
     targets = [
         Target(phrase, False, obj.mask)
         for i, obj in enumerate(objects)
-        for phrase in referring_candidates(objects, i, h, w)
+        for phrase in referring_candidates(objects, i, h, w, every_position)
     ]
     groups = dict.fromkeys(f"all {PLURALS[o.shape]}" for o in objects)
     groups.update(dict.fromkeys(f"all {o.colour} shapes" for o in objects))
@@ -141,24 +142,51 @@ def every_phrase_target(scene: Scene) -> list[Target]:
     return targets
 
 
+def drop_article(targets: list[Target], share: float, rng: np.random.Generator) -> list[Target]:
+    """``targets`` with the leading article removed from about ``share`` of the referring ones
+    ("the red circle" -> "red circle"): the generator always writes it, users often do not."""
+    return [
+        Target(t.prompt.removeprefix(f"{ARTICLE} "), t.semantic, t.mask)
+        if not t.semantic and rng.random() < share
+        else t
+        for t in targets
+    ]
+
+
 class SyntheticScenes:
     """Scenes ``0..count-1`` of generator seed ``seed`` (about 6 ms each, so made on demand).
 
-    With ``every_phrase`` an image brings all its possible phrases (``every_phrase_target``), not
-    only the expressions the generator drew: more distinct targets per encoded image.
+    With ``every_phrase`` an image brings all its possible phrases (``every_phrase_target``, with
+    ``every_position`` the position phrases of every separable pair too), not only the expressions
+    the generator drew: more distinct targets per encoded image. ``drop_article`` is the share of
+    referring phrases trained without their leading article (chosen per image, deterministically).
     """
 
-    def __init__(self, seed: int, count: int, every_phrase: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int,
+        count: int,
+        every_phrase: bool = False,
+        every_position: bool = False,
+        drop_article: float = 0.0,
+    ) -> None:
         self.seed = seed
         self.count = count
         self.every_phrase = every_phrase
+        self.every_position = every_position
+        self.drop_article = drop_article
 
     def __len__(self) -> int:
         return self.count
 
     def load(self, index: int) -> Example:
         scene = generate_scene(self.seed, index)
-        targets = (every_phrase_target if self.every_phrase else scene_targets)(scene)
+        if self.every_phrase:
+            targets = every_phrase_target(scene, self.every_position)
+        else:
+            targets = scene_targets(scene)
+        if self.drop_article:
+            targets = drop_article(targets, self.drop_article, np.random.default_rng([self.seed, index, 2]))
         return Example(scene.image, targets, label_maps(scene))
 
     def corpus(self) -> list[str]:

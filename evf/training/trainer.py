@@ -122,7 +122,10 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float, lr: float) -> 
 def make_source(data: DataSpec) -> ImageSource:
     """The image source a config's ``data`` section names."""
     if data.synthetic is not None:
-        return SyntheticScenes(data.synthetic.seed, data.synthetic.count, data.synthetic.every_phrase)
+        spec = data.synthetic
+        return SyntheticScenes(
+            spec.seed, spec.count, spec.every_phrase, spec.every_position, spec.drop_article
+        )
     assert data.manifest is not None  # DataSpec guarantees exactly one source
     return ManifestImages(data.manifest, data.storage_options)
 
