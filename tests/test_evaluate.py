@@ -180,7 +180,7 @@ def test_demo_model_scores_through_the_pipeline(ray_running: Any, tmp_path: Path
     """The shipped demo model on held-out scenes (seed 9999), through the whole Ray job.
 
     The job's scores must equal the in-process predictor's (so decoding, batching, post-processing
-    and writing change nothing) and stay at the level the shipped model reaches (docs/training.md).
+    and writing change nothing) and stay at the level the shipped model reaches (docs/demo-model.md).
     """
     from evf.predictor import EvfSam2Predictor
 

@@ -15,14 +15,15 @@ from evf.config import ConfigError
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
 from evf.model.checkpoint import DEMO_MODEL_DIR
 from evf.predictor import EvfSam2Predictor, Prompt
-from evf.synthetic import SHAPES, generate_scene, vocabulary_corpus, write_dataset
+from evf.synthetic import ARTICLE, SHAPES, SPATIAL, generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
 from evf.training import TrainConfig, build_tokenizer, train
+from evf.training.config import DataSpec
 from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
 from evf.training.dense_head import COLOUR_NAMES, cell_labels, label_maps
 from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
 from evf.training.tokenizer import tokenizer_files
-from evf.training.trainer import LOG_FILE, STATE_FILE, Trainer, lr_factor
+from evf.training.trainer import CHECKPOINT_PREFIX, LOG_FILE, STATE_FILE, Trainer, lr_factor, make_source
 
 FIXTURE_CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +149,7 @@ def test_config_errors_are_listed(tmp_path: Path) -> None:
 def test_demo_recipes_validate_and_stage_two_starts_from_stage_one() -> None:
     stage1 = TrainConfig.from_yaml(REPO / "configs" / "train-demo.yaml")
     stage2 = TrainConfig.from_yaml(REPO / "configs" / "train-demo-finetune.yaml")
-    assert Path(stage2.init_from) == Path(stage1.output_dir) / f"checkpoint-{stage1.steps}"
+    assert Path(stage2.init_from) == Path(stage1.output_dir) / f"{CHECKPOINT_PREFIX}{stage1.steps}"
     assert stage2.output_dir != stage1.output_dir and stage2.seed != stage1.seed
 
 
@@ -278,9 +279,9 @@ def test_negative_expressions_become_two_positive_targets() -> None:
     assert checked > 10
 
 
-def test_drop_article_shortens_a_share_of_referring_phrases_only() -> None:
+def test_no_article_share_shortens_a_share_of_referring_phrases_only() -> None:
     plain = SyntheticScenes(5, 100, every_phrase=True)
-    dropped = SyntheticScenes(5, 100, every_phrase=True, drop_article=0.3)
+    dropped = SyntheticScenes(5, 100, every_phrase=True, no_article_share=0.3)
     referring = shortened = 0
     for index in range(60):
         before, after = plain.load(index).targets, dropped.load(index).targets
@@ -291,10 +292,26 @@ def test_drop_article_shortens_a_share_of_referring_phrases_only() -> None:
                 assert a.prompt == b.prompt
                 continue
             referring += 1
-            assert a.prompt in (b.prompt, b.prompt[len("the ") :])
+            assert a.prompt in (b.prompt, b.prompt.removeprefix(f"{ARTICLE} "))
             shortened += a.prompt != b.prompt
         assert [t.prompt for t in dropped.load(index).targets] == [t.prompt for t in after]
     assert 0.2 < shortened / referring < 0.4
+
+
+def test_synthetic_options_reach_the_source_and_are_checked() -> None:
+    def data(**options: object) -> DataSpec:
+        return DataSpec(synthetic={"seed": 5, "count": 100, **options})
+
+    def position_targets(spec: DataSpec) -> int:
+        source = make_source(spec)
+        targets = [t for index in range(20) for t in source.load(index).targets]
+        return sum(any(t.prompt.endswith(phrase) for phrase in SPATIAL.values()) for t in targets)
+
+    assert position_targets(data(every_phrase=True, every_position=True)) > 2 * position_targets(
+        data(every_phrase=True)
+    )
+    with pytest.raises(ValueError, match="set every_phrase: true too"):
+        data(every_position=True)
 
 
 def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> None:
@@ -416,7 +433,7 @@ def test_demo_model_is_shipped_small_and_loads() -> None:
     )
     # A regression guard at the level the shipped model reaches (held-out seed 9999, 500 scenes:
     # referring 0.70, semantic 0.86, negative 0.58; these 8 scenes: 0.67, 0.87, 0.69); issue 15's
-    # bar (0.90 / 0.85 / 0.85) is not met yet for referring and negative (docs/training.md).
+    # bar (0.90 / 0.85 / 0.85) is not met yet for referring and negative (docs/demo-model.md).
     scores = evaluate_synthetic(predictor, seed=9999, count=8)
     assert scores.by_kind["referring"].miou > 0.60, scores.by_kind
     assert scores.by_kind["semantic"].miou > 0.80, scores.by_kind
@@ -431,7 +448,7 @@ def test_demo_model_follows_referring_phrases_without_the_article() -> None:
     scenes = [generate_scene(9999, index) for index in range(12)]
     expressions = [[e for e in scene.expressions if e.kind == "referring"] for scene in scenes]
     mean_iou = {}
-    for form, text in (("with", lambda p: p), ("without", lambda p: p.removeprefix("the "))):
+    for form, text in (("with", lambda p: p), ("without", lambda p: p.removeprefix(f"{ARTICLE} "))):
         requests = [[Prompt(text(e.prompt)) for e in exprs] for exprs in expressions]
         results = predictor.predict_batch([scene.image for scene in scenes], requests)
         ious = [

@@ -41,14 +41,20 @@ class SyntheticSpec(StrictModel):
     every_position: with every_phrase, also the position phrase ("the circle on the left") of
         every object that shares its description with one other, not only where nothing shorter
         names it.
-    drop_article: the share of referring phrases trained without their leading "the".
+    no_article_share: the share of referring phrases trained without their leading "the".
     """
 
     seed: int
     count: int = Field(gt=0)
     every_phrase: bool = False
     every_position: bool = False
-    drop_article: float = Field(0.0, ge=0.0, le=1.0)
+    no_article_share: float = Field(0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _position_needs_every_phrase(self) -> SyntheticSpec:
+        if self.every_position and not self.every_phrase:
+            raise ValueError("every_position adds to every_phrase's targets: set every_phrase: true too")
+        return self
 
 
 class DataSpec(StrictModel):

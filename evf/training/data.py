@@ -142,7 +142,7 @@ def every_phrase_target(scene: Scene, every_position: bool = False) -> list[Targ
     return targets
 
 
-def drop_article(targets: list[Target], share: float, rng: np.random.Generator) -> list[Target]:
+def without_article(targets: list[Target], share: float, rng: np.random.Generator) -> list[Target]:
     """``targets`` with the leading article removed from about ``share`` of the referring ones
     ("the red circle" -> "red circle"): the generator always writes it, users often do not."""
     return [
@@ -158,7 +158,7 @@ class SyntheticScenes:
 
     With ``every_phrase`` an image brings all its possible phrases (``every_phrase_target``, with
     ``every_position`` the position phrases of every separable pair too), not only the expressions
-    the generator drew: more distinct targets per encoded image. ``drop_article`` is the share of
+    the generator drew: more distinct targets per encoded image. ``no_article_share`` is the share of
     referring phrases trained without their leading article (chosen per image, deterministically).
     """
 
@@ -168,13 +168,13 @@ class SyntheticScenes:
         count: int,
         every_phrase: bool = False,
         every_position: bool = False,
-        drop_article: float = 0.0,
+        no_article_share: float = 0.0,
     ) -> None:
         self.seed = seed
         self.count = count
         self.every_phrase = every_phrase
         self.every_position = every_position
-        self.drop_article = drop_article
+        self.no_article_share = no_article_share
 
     def __len__(self) -> int:
         return self.count
@@ -185,8 +185,10 @@ class SyntheticScenes:
             targets = every_phrase_target(scene, self.every_position)
         else:
             targets = scene_targets(scene)
-        if self.drop_article:
-            targets = drop_article(targets, self.drop_article, np.random.default_rng([self.seed, index, 2]))
+        if self.no_article_share:
+            targets = without_article(
+                targets, self.no_article_share, np.random.default_rng([self.seed, index, 2])
+            )
         return Example(scene.image, targets, label_maps(scene))
 
     def corpus(self) -> list[str]:

@@ -124,7 +124,11 @@ def make_source(data: DataSpec) -> ImageSource:
     if data.synthetic is not None:
         spec = data.synthetic
         return SyntheticScenes(
-            spec.seed, spec.count, spec.every_phrase, spec.every_position, spec.drop_article
+            spec.seed,
+            spec.count,
+            every_phrase=spec.every_phrase,
+            every_position=spec.every_position,
+            no_article_share=spec.no_article_share,
         )
     assert data.manifest is not None  # DataSpec guarantees exactly one source
     return ManifestImages(data.manifest, data.storage_options)
