@@ -34,6 +34,9 @@ from evf.transforms import Preprocessor
 log = logging.getLogger(__name__)
 
 BACKGROUND = "background"
+# Third word of the per-image rng key of no_article_share (``[generator seed, index, 2]``), apart
+# from the per-step subset rng ``[seed, index, step]`` whenever the two seeds differ.
+NO_ARTICLE_STREAM = 2
 
 
 @dataclass
@@ -134,7 +137,7 @@ def every_phrase_target(scene: Scene, every_position: bool = False) -> list[Targ
     targets = [
         Target(phrase, False, obj.mask)
         for i, obj in enumerate(objects)
-        for phrase in referring_candidates(objects, i, h, w, every_position)
+        for phrase in referring_candidates(objects, i, h, w, every_position=every_position)
     ]
     groups = dict.fromkeys(f"all {PLURALS[o.shape]}" for o in objects)
     groups.update(dict.fromkeys(f"all {o.colour} shapes" for o in objects))
@@ -182,13 +185,12 @@ class SyntheticScenes:
     def load(self, index: int) -> Example:
         scene = generate_scene(self.seed, index)
         if self.every_phrase:
-            targets = every_phrase_target(scene, self.every_position)
+            targets = every_phrase_target(scene, every_position=self.every_position)
         else:
             targets = scene_targets(scene)
         if self.no_article_share:
-            targets = without_article(
-                targets, self.no_article_share, np.random.default_rng([self.seed, index, 2])
-            )
+            rng = np.random.default_rng([self.seed, index, NO_ARTICLE_STREAM])
+            targets = without_article(targets, self.no_article_share, rng)
         return Example(scene.image, targets, label_maps(scene))
 
     def corpus(self) -> list[str]:
