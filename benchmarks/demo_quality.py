@@ -6,7 +6,12 @@ Ray job):
 1. **By what a referring phrase names**, on held-out scenes of ``evf.synthetic`` (seed 9999, never
    trained on): every referring expression is grouped by the words it uses (colour, size, shape
    name or the word "shape", and a position such as "on the left").
-2. **Scenes drawn by other code**: PIL's ``ImageDraw`` on a plain or per-pixel-noise background
+2. **Do position words change the mask?** For every object that shares its description with exactly
+   one other, well apart (``referring_candidates(..., every_position=True)``), the mask of "the
+   circle on the left" against the mask of "the circle on the right": a model that ignores the
+   position word gives the same mask for both (IoU 1) and picks the named object as often as the
+   other one (share 0.5).
+3. **Scenes drawn by other code**: PIL's ``ImageDraw`` on a plain or per-pixel-noise background
    (the generator never draws either kind of noise this way), one or two shapes that do not
    overlap, and prompts without the article ("red circle") or the shape name alone ("hexagon")
    when it is unique. The ground truth is each shape's own drawn mask.
@@ -25,9 +30,13 @@ from PIL import Image, ImageDraw
 
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
 from evf.predictor import EvfSam2Predictor, Prompt
-from evf.synthetic import COLOURS, SHAPES, SIZES, SPATIAL, generate_scene
+from evf.synthetic import COLOURS, SHAPES, SIZES, SPATIAL, generate_scene, referring_candidates
 
 HELD_OUT_SEED = 9999
+OPPOSITE = {
+    SPATIAL[a]: SPATIAL[b]
+    for a, b in (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
+}
 # The generator's colours pulled 15 % towards grey: the same names in tones the generator never
 # draws (it jitters each channel by at most 15), chosen here rather than taken as they are.
 DRAWN_COLOURS = {name: tuple(round(0.85 * c + 20) for c in rgb) for name, rgb in COLOURS.items()}
@@ -60,6 +69,53 @@ def by_phrase_kind(predictor: EvfSam2Predictor, count: int) -> dict[str, list[fl
         if row.kind == "referring":
             ious[phrase_kind(expr.prompt)].append(row.iou)
     return ious
+
+
+def position_pairs(seed: int, index: int) -> tuple[np.ndarray, list[tuple[str, str, np.ndarray, np.ndarray]]]:
+    """Scene ``index``'s image and its (phrase, opposite phrase, named mask, other mask) tuples: one per
+    position phrase of ``referring_candidates(..., every_position=True)``, the other object being
+    the one the opposite phrase names."""
+    scene = generate_scene(seed, index)
+    h, w = scene.image.shape[:2]
+    names = [
+        set(referring_candidates(scene.objects, i, h, w, every_position=True))
+        for i in range(len(scene.objects))
+    ]
+    pairs = []
+    for i, phrases in enumerate(names):
+        for phrase in sorted(phrases):
+            where = next((p for p in OPPOSITE if phrase.endswith(p)), None)
+            if where is None:
+                continue
+            opposite = phrase[: -len(where)] + OPPOSITE[where]
+            others = [j for j, other in enumerate(names) if j != i and opposite in other]
+            if len(others) == 1:
+                pairs.append((phrase, opposite, scene.objects[i].mask, scene.objects[others[0]].mask))
+    return scene.image, pairs
+
+
+def position_following(predictor: EvfSam2Predictor, count: int) -> dict[str, float | int]:
+    """Over the position phrases of held-out scenes ``0..count-1`` (``position_pairs``): the mean IoU
+    of each phrase's mask with its opposite's, the share of phrases whose mask overlaps the named
+    object more than the other one (IoU), and the mean IoU with the named object."""
+    same, named_more, named = [], [], []
+    for index in range(count):
+        image, pairs = position_pairs(HELD_OUT_SEED, index)
+        if not pairs:
+            continue
+        prompts = [Prompt(text) for phrase, opposite, _, _ in pairs for text in (phrase, opposite)]
+        predictions = predictor.predict_batch([image], [prompts])[0]
+        for k, (_, _, mask, other) in enumerate(pairs):
+            mine, theirs = predictions[2 * k].mask, predictions[2 * k + 1].mask
+            same.append(iou_of(*mask_counts(mine, theirs)))
+            named.append(iou_of(*mask_counts(mine, mask)))
+            named_more.append(float(named[-1] > iou_of(*mask_counts(mine, other))))
+    return {
+        "phrases": len(same),
+        "mask vs opposite phrase's mask (IoU)": float(np.mean(same)),
+        "share closer to the named object": float(np.mean(named_more)),
+        "IoU with the named object": float(np.mean(named)),
+    }
 
 
 def outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -153,6 +209,10 @@ def main() -> None:
         f"referring phrases of {args.scenes} held-out scenes (seed {HELD_OUT_SEED})",
         by_phrase_kind(predictor, args.scenes),
     )
+    following = position_following(predictor, args.scenes)
+    print(f'\nposition words on the same {args.scenes} scenes: does "on the left" change the mask?')
+    for name, value in following.items():
+        print(f"{name:<40}{value:>10.3f}" if isinstance(value, float) else f"{name:<40}{value:>10}")
     print_table(
         f"{args.drawn} scenes drawn by PIL (plain or noisy background, 1-2 shapes)",
         drawn_scores(predictor, args.drawn),
