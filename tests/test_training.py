@@ -22,6 +22,7 @@ from evf.training.config import DataSpec
 from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
 from evf.training.dense_head import COLOUR_NAMES, cell_labels, label_maps
 from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
+from evf.training.location_head import GRID, LocationHead
 from evf.training.tokenizer import tokenizer_files
 from evf.training.trainer import CHECKPOINT_PREFIX, LOG_FILE, STATE_FILE, Trainer, lr_factor, make_source
 
@@ -91,6 +92,7 @@ def tiny_config(output_dir: Path, **changes: object) -> dict:
 
 
 DENSE_LOSS = {"dense": 1.0}
+TRAINING_HEADS_LOSS = {"dense": 1.0, "location": 1.0}
 
 
 def write_config(path: Path, config: dict) -> str:
@@ -186,6 +188,11 @@ def test_new_model_may_freeze_parts_and_scale_their_learning_rate(tmp_path: Path
     config["loss"] = DENSE_LOSS
     with pytest.raises(ConfigError, match="loss.dense .* image_encoder in train"):
         TrainConfig.from_yaml(write_config(tmp_path / "frozen-shape.yaml", config))
+
+    config["loss"] = {"location": 1.0}
+    config["train"] = ["mask_decoder", "prompt_encoder"]
+    with pytest.raises(ConfigError, match="loss.location .* beit3 or projector in train"):
+        TrainConfig.from_yaml(write_config(tmp_path / "frozen-prompt.yaml", config))
 
 
 def test_new_model_image_encoder_tells_positions_apart(tmp_path: Path) -> None:
@@ -351,6 +358,25 @@ def test_dense_labels_name_the_shape_and_colour_on_top_in_each_cell() -> None:
     assert set(cells.unique().tolist()) == {0, *(SHAPES.index(o.shape) + 1 for o in scene.objects)}
 
 
+def test_location_head_scores_the_cells_that_hold_the_target() -> None:
+    # Three prompts on a 64x64 coverage grid: the target fills the top-left 8x8 cells (= grid cell
+    # 0), the bottom-right ones (cell GRID*GRID - 1), or nothing (left out of the loss).
+    coverage = torch.zeros(3, 64, 64)
+    coverage[0, :8, :8] = 1
+    coverage[1, -8:, -8:] = 1
+    head = LocationHead(dim=4)
+    with torch.no_grad():
+        head.predict.weight.zero_()
+        head.predict.bias.zero_()
+        head.predict.bias[0] = 10.0  # every prompt: "the top-left cell"
+    loss, metrics = head.loss(torch.randn(3, 1, 4), coverage)
+    cells = GRID * GRID
+    top_left = -(10 - np.log(np.exp(10) + cells - 1))  # -log softmax at the top-left cell
+    bottom_right = -(0 - np.log(np.exp(10) + cells - 1))
+    assert float(loss.detach()) == pytest.approx((top_left + bottom_right) / 2, rel=1e-5)
+    assert metrics["location_acc"] == 0.5 and metrics["location"] == pytest.approx(float(loss.detach()))
+
+
 def test_step_batches_depend_only_on_the_step() -> None:
     full = list(StepBatches(5, 3, seed=1, start=0, steps=6))
     assert list(StepBatches(5, 3, seed=1, start=4, steps=6)) == full[4:]
@@ -365,13 +391,14 @@ def test_step_batches_depend_only_on_the_step() -> None:
 def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An uninterrupted run.
     straight = tmp_path / "straight"
-    # With the training-only dense head, so that resuming covers its weights too.
-    final = train(write_config(tmp_path / "a.yaml", tiny_config(straight, loss=DENSE_LOSS)))
+    # With both training-only heads, so that resuming covers their weights too.
+    final = train(write_config(tmp_path / "a.yaml", tiny_config(straight, loss=TRAINING_HEADS_LOSS)))
     assert final == straight / "checkpoint-30"
     log = read_log(straight)
     assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], log
     assert log[-1]["shape"] < log[0]["shape"] and log[-1]["colour"] < log[0]["colour"], log
+    assert log[-1]["location"] < log[0]["location"], log
     assert sorted(p.name for p in straight.glob("checkpoint-*")) == ["checkpoint-15", "checkpoint-30"]
 
     predictor = EvfSam2Predictor.from_pretrained(final)
@@ -382,7 +409,7 @@ def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: 
 
     # The same recipe, interrupted after the checkpoint at step 15, then re-run.
     resumed = tmp_path / "resumed"
-    config_path = write_config(tmp_path / "b.yaml", tiny_config(resumed, loss=DENSE_LOSS))
+    config_path = write_config(tmp_path / "b.yaml", tiny_config(resumed, loss=TRAINING_HEADS_LOSS))
     original_step = Trainer._step
     calls = {"n": 0}
 
@@ -404,9 +431,10 @@ def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: 
     assert [r["step"] for r in read_log(resumed)] == [5, 10, 15, 20, 25, 30]
     state_a = torch.load(straight / "checkpoint-30" / STATE_FILE, weights_only=True)
     state_b = torch.load(resumed / "checkpoint-30" / STATE_FILE, weights_only=True)
-    a = {**state_a["model"], **{f"dense_head.{k}": v for k, v in state_a["dense_head"].items()}}
-    b = {**state_b["model"], **{f"dense_head.{k}": v for k, v in state_b["dense_head"].items()}}
-    assert len(a) == len(b) > len(state_a["model"])
+    heads = ("dense_head", "location_head")
+    a = {**state_a["model"], **{f"{h}.{k}": v for h in heads for k, v in state_a[h].items()}}
+    b = {**state_b["model"], **{f"{h}.{k}": v for h in heads for k, v in state_b[h].items()}}
+    assert len(a) == len(b) == len(state_a["model"]) + 4
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert train(config_path) == resumed / "checkpoint-30"  # already done: nothing to do

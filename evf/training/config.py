@@ -119,6 +119,9 @@ class LossSpec(StrictModel):
     # > 0: the training-only DenseHead's cross-entropies on the synthetic scenes' per-pixel shape
     # and colour labels (evf.training.dense_head)
     dense: float = Field(0.0, ge=0)
+    # > 0: the training-only LocationHead's cross-entropy on which cells of a coarse grid hold each
+    # prompt's target, read from the prompt embedding (evf.training.location_head)
+    location: float = Field(0.0, ge=0)
 
 
 class TrainConfig(StrictModel):
@@ -182,6 +185,11 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "loss.dense trains the image encoder on the synthetic scenes' shape and colour labels: "
                 "it needs data.synthetic and image_encoder in train"
+            )
+        if self.loss.location > 0 and not {"beit3", "projector"} & set(self.train):
+            raise ValueError(
+                "loss.location trains the prompt embedding to say where its target is: "
+                "it needs beit3 or projector in train"
             )
         untrained = sorted(set(self.optimizer.lr_scale) - set(self.train))
         if untrained:

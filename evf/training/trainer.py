@@ -54,6 +54,7 @@ from evf.training.init import (
     init_projector,
     mimetic_init,
 )
+from evf.training.location_head import LocationHead
 from evf.training.losses import mask_losses
 from evf.training.tokenizer import build_tokenizer, embedding_rows
 from evf.transforms import Preprocessor, normalize_sam
@@ -152,9 +153,10 @@ class Trainer:
         self.mode = resolve_mode(None, self.model.config.inference_mode, self.tokenizer.supports_semantic)
         self.trainable_by_part = self._set_trainable(config.train)
         self.dense_head = self._build_dense_head()
+        self.location_head = self._build_location_head()
         self.trainable = [p for params in self.trainable_by_part.values() for p in params]
-        if self.dense_head is not None:
-            self.trainable += list(self.dense_head.parameters())
+        for head in self.training_heads.values():
+            self.trainable += list(head.parameters())
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
@@ -205,6 +207,20 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         return DenseHead(self.model.visual_model.image_encoder.neck.d_model).to(self.device)
 
+    def _build_location_head(self) -> LocationHead | None:
+        """The training-only ``LocationHead`` when ``loss.location`` > 0 (like the dense head, never
+        saved in the model files)."""
+        if self.config.loss.location == 0:
+            return None
+        torch.manual_seed(self.config.seed + 1)
+        return LocationHead(self.model.config.out_dim).to(self.device)
+
+    @property
+    def training_heads(self) -> dict[str, nn.Module]:
+        """The training-only heads in use, by their key in ``trainer_state.pt``."""
+        heads = {"dense_head": self.dense_head, "location_head": self.location_head}
+        return {name: head for name, head in heads.items() if head is not None}
+
     def _set_trainable(self, parts: list[Part]) -> dict[Part, list[nn.Parameter]]:
         """Freeze everything outside ``parts``; returns the trainable parameters of each part."""
         by_part: dict[Part, list[nn.Parameter]] = {part: [] for part in parts}
@@ -224,8 +240,8 @@ class Trainer:
             for part, params in self.trainable_by_part.items()
             for group in decay_groups(params, opt.weight_decay, opt.lr * opt.lr_scale.get(part, 1.0))
         ]
-        if self.dense_head is not None:
-            groups += decay_groups(list(self.dense_head.parameters()), opt.weight_decay, opt.lr)
+        for head in self.training_heads.values():
+            groups += decay_groups(list(head.parameters()), opt.weight_decay, opt.lr)
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -242,8 +258,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        if self.dense_head is not None:
-            state["dense_head"] = self.dense_head.state_dict()
+        for name, head in self.training_heads.items():
+            state[name] = head.state_dict()
         torch.save(state, staging / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -257,8 +273,8 @@ class Trainer:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.model.refresh_image_pe()
-        if self.dense_head is not None:
-            self.dense_head.load_state_dict(state["dense_head"])
+        for name, head in self.training_heads.items():
+            head.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -357,11 +373,16 @@ class Trainer:
         mask_loss = (weights.bce * terms.bce + weights.dice * terms.dice).mean()
         iou_loss = terms.iou_mse.mean()
         loss = mask_loss + weights.iou * iou_loss
-        dense_metrics: dict[str, float] = {}
+        head_metrics: dict[str, float] = {}
         if self.dense_head is not None:
             labels = torch.stack([s.dense_labels for s in batch if s.dense_labels is not None]).to(device)
-            dense_loss, dense_metrics = self.dense_head.loss(embeddings, labels)
+            dense_loss, metrics = self.dense_head.loss(embeddings, labels)
             loss = loss + weights.dense * dense_loss
+            head_metrics.update(metrics)
+        if self.location_head is not None:
+            location_loss, metrics = self.location_head.loss(prompt_embeds, coverage)
+            loss = loss + weights.location * location_loss
+            head_metrics.update(metrics)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.optimizer.grad_clip is not None:
@@ -375,5 +396,5 @@ class Trainer:
             "iou_mse": float(iou_loss.detach()),
             # IoU of the output the predictor would pick (highest predicted IoU)
             "iou": float(terms.iou.gather(1, pred_iou.argmax(dim=1, keepdim=True)).mean()),
-            **dense_metrics,
+            **head_metrics,
         }
