@@ -14,13 +14,14 @@ import yaml
 from evf.config import ConfigError
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
 from evf.model.checkpoint import DEMO_MODEL_DIR
+from evf.model.evf_sam2 import ImageEmbeddings
 from evf.predictor import EvfSam2Predictor, Prompt
 from evf.synthetic import ARTICLE, SHAPES, SPATIAL, generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
 from evf.training import TrainConfig, build_tokenizer, train
 from evf.training.config import DataSpec
 from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
-from evf.training.dense_head import COLOUR_NAMES, cell_labels, label_maps
+from evf.training.dense_head import COLOUR_NAMES, SIZE_NAMES, DenseHead, cell_labels, label_maps
 from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
 from evf.training.location_head import GRID, LocationHead
 from evf.training.tokenizer import tokenizer_files
@@ -335,19 +336,22 @@ def test_manifest_source_groups_by_image_and_skips_negatives(tmp_path: Path) -> 
         assert np.array_equal(target.mask, expr.mask)
 
 
-def test_dense_labels_name_the_shape_and_colour_on_top_in_each_cell() -> None:
+def test_dense_labels_name_the_shape_colour_and_size_on_top_in_each_cell() -> None:
     scene = generate_scene(5, 3)
+    assert {o.size_word for o in scene.objects} == set(SIZE_NAMES)  # a scene with both sizes
     maps = label_maps(scene)
     for obj in scene.objects:  # visible masks: later objects are cut out of earlier ones
         assert (maps[0][obj.mask] == SHAPES.index(obj.shape) + 1).all()
         assert (maps[1][obj.mask] == COLOUR_NAMES.index(obj.colour) + 1).all()
+        assert (maps[2][obj.mask] == SIZE_NAMES.index(obj.size_word) + 1).all()
     assert (maps[:, ~np.logical_or.reduce([o.mask for o in scene.objects])] == 0).all()
     labels = maps[0]
     h, w = labels.shape
-    both = cell_labels(maps, 64)
-    assert both.shape == (2, 64, 64) and both.dtype == torch.int64
-    assert set(both[1].unique().tolist()) == {0, *(COLOUR_NAMES.index(o.colour) + 1 for o in scene.objects)}
-    cells = both[0]
+    every = cell_labels(maps, 64)
+    assert every.shape == (3, 64, 64) and every.dtype == torch.int64
+    assert set(every[1].unique().tolist()) == {0, *(COLOUR_NAMES.index(o.colour) + 1 for o in scene.objects)}
+    assert set(every[2].unique().tolist()) == {0, 1, 2}
+    cells = every[0]
     # a cell wholly inside one label (scaled to the 64x64 grid: image y = (row + 0.5) * h / 64)
     for row, col in [(r, c) for r in range(0, 64, 7) for c in range(0, 64, 7)]:
         ys = slice(int(row * h / 64), int(np.ceil((row + 1) * h / 64)))
@@ -356,6 +360,26 @@ def test_dense_labels_name_the_shape_and_colour_on_top_in_each_cell() -> None:
         if len(values) == 1:
             assert cells[row, col] == values[0], (row, col)
     assert set(cells.unique().tolist()) == {0, *(SHAPES.index(o.shape) + 1 for o in scene.objects)}
+
+
+def test_dense_head_classifies_the_kinds_it_is_given() -> None:
+    labels = cell_labels(label_maps(generate_scene(5, 3)), 16)[None]
+    levels = [torch.randn(1, 64, 4, 4), torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8)]
+    embeddings = ImageEmbeddings(levels[0], [levels[1], levels[2]])
+    default = DenseHead(64)
+    with_size = DenseHead(64, ["size", "shape", "colour"])
+    assert [log.shape[1] for log in default(embeddings)] == [len(SHAPES) + 1, len(COLOUR_NAMES) + 1]
+    assert [log.shape[1] for log in with_size(embeddings)] == [len(SHAPES) + 1, len(COLOUR_NAMES) + 1, 3]
+    _, metrics = with_size.loss(embeddings, labels)
+    assert set(metrics) == {"shape", "shape_acc", "colour", "colour_acc", "size", "size_acc"}
+    # the size logits are the last channels: a head that always says "big" is right where it is big
+    with torch.no_grad():
+        with_size.classify.weight.zero_()
+        with_size.classify.bias.zero_()
+        with_size.classify.bias[-1] = 5.0
+    _, metrics = with_size.loss(embeddings, labels)
+    on_object = labels[0, 2] > 0
+    assert metrics["size_acc"] == pytest.approx(float((labels[0, 2][on_object] == 2).float().mean()))
 
 
 def test_location_head_scores_the_cells_that_hold_the_target() -> None:

@@ -119,6 +119,11 @@ class LossSpec(StrictModel):
     # > 0: the training-only DenseHead's cross-entropies on the synthetic scenes' per-pixel shape
     # and colour labels (evf.training.dense_head)
     dense: float = Field(0.0, ge=0)
+    # what the dense head classifies: size ("small"/"big", from the object's extent) is off in the
+    # demo's stage 1, which was trained before it existed
+    dense_labels: list[Literal["shape", "colour", "size"]] = Field(
+        default_factory=lambda: ["shape", "colour"], min_length=1
+    )
     # > 0: the training-only LocationHead's cross-entropy on which cells of a coarse grid hold each
     # prompt's target, read from the prompt embedding (evf.training.location_head)
     location: float = Field(0.0, ge=0)

@@ -51,7 +51,7 @@ class Target:
 @dataclass
 class Example:
     """What a source gives for one image: the (H, W, 3) uint8 RGB image, its targets (at least
-    one) and, where the source knows them, per-pixel shape and colour labels
+    one) and, where the source knows them, per-pixel shape, colour and size labels
     (``dense_head.label_maps``)."""
 
     image: np.ndarray
@@ -67,7 +67,7 @@ class TrainSample:
     beit3_pixels: (3, s, s) float32.
     prompts: P (text, semantic) pairs, 1 <= P <= prompts_per_image.
     coverage: (P, S/4, S/4) float32, the target masks as low-res cell coverage (``cell_coverage``).
-    dense_labels: (2, S/4, S/4) int64 shape and colour class of each cell
+    dense_labels: (3, S/4, S/4) int64 shape, colour and size class of each cell
         (``dense_head.cell_labels``), or None when the source has no such labels.
     """
 

@@ -12,29 +12,35 @@ never enters a checkpoint's ``model.safetensors``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evf.model.evf_sam2 import ImageEmbeddings
-from evf.synthetic import COLOURS, SHAPES, Scene
+from evf.synthetic import COLOURS, SHAPES, SIZES, Scene
 from evf.training.losses import cell_coverage
 
-# Label 0 is the background in both maps; the loss ignores it (the question is which shape and
-# colour an object has, not where objects are: the mask loss teaches that).
-SHAPE_CLASSES = 1 + len(SHAPES)
-COLOUR_CLASSES = 1 + len(COLOURS)
+# Label 0 is the background in every map; the loss ignores it (the question is which shape,
+# colour and size an object has, not where objects are: the mask loss teaches that).
 COLOUR_NAMES = list(COLOURS)
+SIZE_NAMES = list(SIZES)
+LABEL_CLASSES = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES)}
+"""The label maps, in the order of ``label_maps``, and their class counts (background included)."""
+LABEL_KINDS = tuple(LABEL_CLASSES)
 
 
 def label_maps(scene: Scene) -> np.ndarray:
-    """(2, H, W) uint8: [0] ``1 + SHAPES.index(shape)``, [1] ``1 + COLOURS`` position of the colour,
-    on each object's visible pixels; 0 on the background."""
-    labels = np.zeros((2, *scene.image.shape[:2]), np.uint8)
+    """(3, H, W) uint8, one map per ``LABEL_KINDS``: [0] ``1 + SHAPES.index(shape)``, [1] ``1 +``
+    the colour's position in ``COLOURS``, [2] ``1 +`` the size word's position in ``SIZES``, on each
+    object's visible pixels; 0 on the background."""
+    labels = np.zeros((len(LABEL_KINDS), *scene.image.shape[:2]), np.uint8)
     for obj in scene.objects:  # visible masks: where objects overlap, the one on top owns the pixel
         labels[0][obj.mask] = SHAPES.index(obj.shape) + 1
         labels[1][obj.mask] = COLOUR_NAMES.index(obj.colour) + 1
+        labels[2][obj.mask] = SIZE_NAMES.index(obj.size_word) + 1
     return labels
 
 
@@ -44,39 +50,42 @@ def _cells(labels: np.ndarray, classes: int, size: int) -> Tensor:
 
 
 def cell_labels(maps: np.ndarray, size: int) -> Tensor:
-    """(2, H, W) ``label_maps`` -> (2, size, size) int64: the class covering most of each low-res
+    """(3, H, W) ``label_maps`` -> (3, size, size) int64: the class covering most of each low-res
     cell, on the same cells as the mask targets (``cell_coverage``)."""
-    return torch.stack([_cells(maps[0], SHAPE_CLASSES, size), _cells(maps[1], COLOUR_CLASSES, size)])
+    return torch.stack(
+        [_cells(m, LABEL_CLASSES[kind], size) for m, kind in zip(maps, LABEL_KINDS, strict=True)]
+    )
 
 
 class DenseHead(nn.Module):
     """A 1x1 convolution over the three feature levels of ``EvfSam2Model.encode_images``, each
     upsampled (bilinear) to the finest one (S/4): ``d_model`` + ``d_model/8`` + ``d_model/4``
-    channels in, ``SHAPE_CLASSES`` + ``COLOUR_CLASSES`` logits out."""
+    channels in, the logits of each of ``kinds`` (a subset of ``LABEL_KINDS``) out."""
 
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, kinds: Sequence[str] = ("shape", "colour")) -> None:
         super().__init__()
-        self.classify = nn.Conv2d(d_model + d_model // 8 + d_model // 4, SHAPE_CLASSES + COLOUR_CLASSES, 1)
+        self.kinds = [kind for kind in LABEL_KINDS if kind in kinds]
+        classes = sum(LABEL_CLASSES[kind] for kind in self.kinds)
+        self.classify = nn.Conv2d(d_model + d_model // 8 + d_model // 4, classes, 1)
 
-    def forward(self, embeddings: ImageEmbeddings) -> tuple[Tensor, Tensor]:
-        """-> shape logits (N, SHAPE_CLASSES, S/4, S/4), colour logits (N, COLOUR_CLASSES, S/4, S/4)."""
+    def forward(self, embeddings: ImageEmbeddings) -> list[Tensor]:
+        """-> per kind, logits (N, LABEL_CLASSES[kind], S/4, S/4)."""
         size = embeddings.high_res[0].shape[-2:]
         levels = [embeddings.image_embed, *embeddings.high_res]
         upsampled = [F.interpolate(x.float(), size, mode="bilinear") for x in levels]
         logits = self.classify(torch.cat(upsampled, dim=1))
-        return logits[:, :SHAPE_CLASSES], logits[:, SHAPE_CLASSES:]
+        return list(logits.split([LABEL_CLASSES[kind] for kind in self.kinds], dim=1))
 
     def loss(self, embeddings: ImageEmbeddings, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Shape + colour cross-entropy on the object cells of ``labels`` (N, 2, S/4, S/4), and the
-        loss and accuracy of each there (for the training log)."""
-        losses: list[Tensor] = []
+        """The sum of each kind's cross-entropy on the object cells of ``labels`` (N, 3, S/4, S/4;
+        ``cell_labels``), and the loss and accuracy of each there (for the training log)."""
+        total = torch.zeros((), device=labels.device)
         metrics: dict[str, float] = {}
-        for name, logits, target in zip(
-            ("shape", "colour"), self.forward(embeddings), labels.unbind(1), strict=True
-        ):
+        for kind, logits in zip(self.kinds, self.forward(embeddings), strict=True):
+            target = labels[:, LABEL_KINDS.index(kind)]
             loss = F.cross_entropy(logits, target, ignore_index=0)
-            losses.append(loss)
+            total = total + loss
             on_object = target > 0
-            metrics[name] = float(loss.detach())
-            metrics[f"{name}_acc"] = float((logits.argmax(1)[on_object] == target[on_object]).float().mean())
-        return losses[0] + losses[1], metrics
+            metrics[kind] = float(loss.detach())
+            metrics[f"{kind}_acc"] = float((logits.argmax(1)[on_object] == target[on_object]).float().mean())
+        return total, metrics

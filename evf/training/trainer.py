@@ -205,7 +205,8 @@ class Trainer:
         if self.config.loss.dense == 0:
             return None
         torch.manual_seed(self.config.seed)
-        return DenseHead(self.model.visual_model.image_encoder.neck.d_model).to(self.device)
+        d_model = self.model.visual_model.image_encoder.neck.d_model
+        return DenseHead(d_model, self.config.loss.dense_labels).to(self.device)
 
     def _build_location_head(self) -> LocationHead | None:
         """The training-only ``LocationHead`` when ``loss.location`` > 0 (like the dense head, never
