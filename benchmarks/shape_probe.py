@@ -99,7 +99,8 @@ class HieraProbe(nn.Module):
             spec = InitSpec()
             for attention in hiera_attention(self.model):
                 mimetic_init(attention, spec.mimetic_qk, spec.mimetic_vo)
-        self.head = DenseHead(self.model.visual_model.image_encoder.neck.d_model)
+        # shape and colour logits, as the probe was measured with (only the shape ones are trained)
+        self.head = DenseHead(self.model.visual_model.image_encoder.neck.d_model, ("shape", "colour"))
 
     def trainable(self) -> list[nn.Parameter]:
         decoder = self.model.visual_model.sam_mask_decoder  # conv_s0/conv_s1 make the high-res levels

@@ -366,9 +366,9 @@ def test_dense_head_classifies_the_kinds_it_is_given() -> None:
     labels = cell_labels(label_maps(generate_scene(5, 3)), 16)[None]
     levels = [torch.randn(1, 64, 4, 4), torch.randn(1, 8, 16, 16), torch.randn(1, 16, 8, 8)]
     embeddings = ImageEmbeddings(levels[0], [levels[1], levels[2]])
-    default = DenseHead(64)
+    shape_colour = DenseHead(64, ["colour", "shape"])
     with_size = DenseHead(64, ["size", "shape", "colour"])
-    assert [log.shape[1] for log in default(embeddings)] == [len(SHAPES) + 1, len(COLOUR_NAMES) + 1]
+    assert [log.shape[1] for log in shape_colour(embeddings)] == [len(SHAPES) + 1, len(COLOUR_NAMES) + 1]
     assert [log.shape[1] for log in with_size(embeddings)] == [len(SHAPES) + 1, len(COLOUR_NAMES) + 1, 3]
     _, metrics = with_size.loss(embeddings, labels)
     assert set(metrics) == {"shape", "shape_acc", "colour", "colour_acc", "size", "size_acc"}

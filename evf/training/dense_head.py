@@ -1,13 +1,14 @@
-"""A training-only head that teaches SAM 2's image encoder what shape and colour each pixel is on.
+"""A training-only head that teaches SAM 2's image encoder what shape, colour and size each pixel
+is on.
 
 Trained from scratch through the mask loss alone, the demo model's Hiera collapses to colour-blind
 objectness: nothing in "the circle" versus "the hexagon", or even "the red shape" versus "the blue
 shape", reaches the encoder strongly enough. The synthetic generator knows which shape and colour
 cover every pixel, and ``benchmarks/shape_probe.py`` shows that such dense labels teach Hiera shape
 (with ``evf train``'s optimiser). ``DenseHead`` reads the features the mask decoder reads and
-classifies every low-res cell twice (shape, colour); its cross-entropies, weighted by ``loss.dense``,
-are added to the mask loss. It lives only in the trainer: it is not part of ``EvfSam2Model`` and
-never enters a checkpoint's ``model.safetensors``.
+classifies every low-res cell by the kinds ``loss.dense_labels`` lists (shape, colour, size word);
+its cross-entropies, weighted by ``loss.dense``, are added to the mask loss. It lives only in the
+trainer: it is not part of ``EvfSam2Model`` and never enters a checkpoint's ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class DenseHead(nn.Module):
     upsampled (bilinear) to the finest one (S/4): ``d_model`` + ``d_model/8`` + ``d_model/4``
     channels in, the logits of each of ``kinds`` (a subset of ``LABEL_KINDS``) out."""
 
-    def __init__(self, d_model: int, kinds: Sequence[str] = ("shape", "colour")) -> None:
+    def __init__(self, d_model: int, kinds: Sequence[str]) -> None:
         super().__init__()
         self.kinds = [kind for kind in LABEL_KINDS if kind in kinds]
         classes = sum(LABEL_CLASSES[kind] for kind in self.kinds)
