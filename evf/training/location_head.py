@@ -15,8 +15,9 @@ and never enters a checkpoint's ``model.safetensors``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from evf.training.losses import cell_coverage
 
 GRID = 8
 """Cells per side of the location map (the demo model's BEiT-3 sees 7 x 7 patches)."""
@@ -34,10 +35,10 @@ class LocationHead(nn.Module):
 
     def loss(self, prompt_embeds: Tensor, coverage: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy of the softmax over cells against the target's share of each cell (from the
-        mask loss's ``coverage`` (P, h, w), h and w multiples of GRID), over the prompts that have a
+        mask loss's ``coverage`` (P, h, w), averaged over each cell), over the prompts that have a
         target; for the log, the loss and the share of those prompts whose highest-scoring cell
         touches the target."""
-        target = F.adaptive_avg_pool2d(coverage[:, None].float(), GRID).flatten(1)
+        target = cell_coverage(coverage, GRID).flatten(1)
         mass = target.sum(1)
         has_target = mass > 0
         share = target[has_target] / mass[has_target, None]
