@@ -382,6 +382,29 @@ def test_dense_head_classifies_the_kinds_it_is_given() -> None:
     assert metrics["size_acc"] == pytest.approx(float((labels[0, 2][on_object] == 2).float().mean()))
 
 
+def test_dense_head_copies_the_kinds_it_shares_with_another() -> None:
+    shape_rows, colour_rows = len(SHAPES) + 1, len(COLOUR_NAMES) + 1
+    torch.manual_seed(0)
+    stage_one = DenseHead(64, ["shape", "colour"])
+    torch.manual_seed(1)
+    with_size = DenseHead(64, ["shape", "colour", "size"])
+    colour_size = DenseHead(64, ["colour", "size"])
+    fresh_size = with_size.classify.weight[-3:].detach().clone()
+    fresh_colour_size = colour_size.classify.weight[colour_rows:].detach().clone()
+    theirs = stage_one.state_dict()
+
+    assert with_size.load_kinds(theirs, stage_one.kinds) == ["shape", "colour"]
+    assert colour_size.load_kinds(theirs, stage_one.kinds) == ["colour"]
+    for name in ("weight", "bias"):
+        source = theirs[f"classify.{name}"]
+        assert source.shape[0] == shape_rows + colour_rows
+        torch.testing.assert_close(getattr(with_size.classify, name)[: shape_rows + colour_rows], source)
+        torch.testing.assert_close(getattr(colour_size.classify, name)[:colour_rows], source[shape_rows:])
+    # the size rows, which stage one never had, keep their initialisation
+    torch.testing.assert_close(with_size.classify.weight[-3:], fresh_size)
+    torch.testing.assert_close(colour_size.classify.weight[colour_rows:], fresh_colour_size)
+
+
 def test_location_head_scores_the_cells_that_hold_the_target() -> None:
     # Three prompts on a 64x64 coverage grid: the target fills the top-left 8x8 cells (= grid cell
     # 0), the bottom-right ones (cell GRID*GRID - 1), or nothing (left out of the loss).
@@ -462,6 +485,34 @@ def test_training_learns_saves_and_resumes_exactly(tmp_path: Path, monkeypatch: 
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert train(config_path) == resumed / "checkpoint-30"  # already done: nothing to do
+
+
+def test_fine_tune_may_start_the_dense_head_from_its_checkpoint(tmp_path: Path) -> None:
+    stage_one = tiny_config(tmp_path / "a", loss=DENSE_LOSS, steps=2, checkpoint_every=2)
+    first = train(write_config(tmp_path / "a.yaml", stage_one))
+    saved = torch.load(first / STATE_FILE, weights_only=True)
+    assert saved["dense_head_kinds"] == ["shape", "colour"]
+
+    fine_tune = tiny_config(
+        tmp_path / "b",
+        model=None,
+        init_from=str(first),
+        init={"dense_head": "init_from"},
+        loss={"dense": 1.0, "dense_labels": ["shape", "colour", "size"]},
+    )
+    head = Trainer(TrainConfig.from_yaml(write_config(tmp_path / "b.yaml", fine_tune))).dense_head
+    assert head is not None and head.kinds == ["shape", "colour", "size"]
+    rows = saved["dense_head"]["classify.weight"].shape[0]
+    torch.testing.assert_close(head.classify.weight[:rows], saved["dense_head"]["classify.weight"])
+
+    # a checkpoint without a trainer state (the official layout alone) has no head to start from
+    no_state = {**fine_tune, "init_from": str(FIXTURE_CHECKPOINT), "output_dir": str(tmp_path / "c")}
+    with pytest.raises(ValueError, match="init.dense_head: init_from: .* holds no dense head"):
+        Trainer(TrainConfig.from_yaml(write_config(tmp_path / "c.yaml", no_state)))
+    # and a new model has no checkpoint to start it from
+    new_model = tiny_config(tmp_path / "d", init={"dense_head": "init_from"}, loss=DENSE_LOSS)
+    with pytest.raises(ConfigError, match="init.dense_head: init_from .* needs init_from"):
+        TrainConfig.from_yaml(write_config(tmp_path / "d.yaml", new_model))
 
 
 # ----------------------------------------------------------------------------- the demo model

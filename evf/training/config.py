@@ -97,17 +97,21 @@ class OptimizerSpec(StrictModel):
 
 
 class InitSpec(StrictModel):
-    """How a new model's weights start, beyond what ``evf train`` always does (sine-cosine Hiera
-    positions, a scale-keeping projector): see ``evf.training.init``.
+    """How the weights start, beyond what ``evf train`` always does for a new model (sine-cosine
+    Hiera positions, a scale-keeping projector): see ``evf.training.init``.
 
-    mimetic_attention: parts whose self-attention gets the mimetic initialisation: per head
-        ``W_q^T W_k ~ mimetic_qk[0] Z + mimetic_qk[1] I`` (query/key biases 0) and
+    mimetic_attention: parts whose self-attention gets the mimetic initialisation (new models): per
+        head ``W_q^T W_k ~ mimetic_qk[0] Z + mimetic_qk[1] I`` (query/key biases 0) and
         ``W_v^T W_o^T ~ mimetic_vo[0] Z - mimetic_vo[1] I`` where the value path keeps the width.
+    dense_head: ``new`` (a fresh training-only dense head) or ``init_from`` (a fine-tune: start it
+        from the one saved in ``init_from``'s ``trainer_state.pt``, for the kinds both classify, so
+        that its first steps do not send a random head's gradients into a trained encoder).
     """
 
     mimetic_attention: list[Literal["image_encoder", "beit3"]] = Field(default_factory=list)
     mimetic_qk: tuple[float, float] = (0.7, 0.7)
     mimetic_vo: tuple[float, float] = (0.4, 0.4)
+    dense_head: Literal["new", "init_from"] = "new"
 
 
 class LossSpec(StrictModel):
@@ -185,6 +189,11 @@ class TrainConfig(StrictModel):
         if self.init_from is not None and self.init.mimetic_attention:
             raise ValueError(
                 "init.mimetic_attention initialises a new model; init_from loads trained weights"
+            )
+        if self.init.dense_head == "init_from" and (self.init_from is None or self.loss.dense == 0):
+            raise ValueError(
+                "init.dense_head: init_from starts the training-only dense head from init_from's "
+                "checkpoint: it needs init_from and loss.dense > 0"
             )
         if self.loss.dense > 0 and (self.data.synthetic is None or "image_encoder" not in self.train):
             raise ValueError(

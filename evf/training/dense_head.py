@@ -69,6 +69,26 @@ class DenseHead(nn.Module):
         classes = sum(LABEL_CLASSES[kind] for kind in self.kinds)
         self.classify = nn.Conv2d(d_model + d_model // 8 + d_model // 4, classes, 1)
 
+    def load_kinds(self, state: dict[str, Tensor], kinds: Sequence[str]) -> list[str]:
+        """Copy the weights of every kind this head and another (its ``state_dict`` and ``kinds``)
+        both classify; the others keep their fresh initialisation. Returns the kinds copied."""
+        ours, theirs = self._rows(self.kinds), self._rows(kinds)
+        shared = [kind for kind in self.kinds if kind in theirs]
+        with torch.no_grad():
+            for kind in shared:
+                for name, param in self.classify.named_parameters():
+                    param[ours[kind]] = state[f"classify.{name}"][theirs[kind]]
+        return shared
+
+    @staticmethod
+    def _rows(kinds: Sequence[str]) -> dict[str, slice]:
+        """The output rows of each kind in a head that classifies ``kinds`` (in LABEL_KINDS order)."""
+        rows, start = {}, 0
+        for kind in (k for k in LABEL_KINDS if k in kinds):
+            rows[kind] = slice(start, start + LABEL_CLASSES[kind])
+            start += LABEL_CLASSES[kind]
+        return rows
+
     def forward(self, embeddings: ImageEmbeddings) -> list[Tensor]:
         """-> per kind, logits (N, LABEL_CLASSES[kind], S/4, S/4)."""
         size = embeddings.high_res[0].shape[-2:]

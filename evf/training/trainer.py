@@ -206,7 +206,19 @@ class Trainer:
             return None
         torch.manual_seed(self.config.seed)
         d_model = self.model.visual_model.image_encoder.neck.d_model
-        return DenseHead(d_model, self.config.loss.dense_labels).to(self.device)
+        head = DenseHead(d_model, self.config.loss.dense_labels).to(self.device)
+        if self.config.init.dense_head == "init_from":
+            assert self.init_folder is not None  # TrainConfig guarantees it
+            path = self.init_folder / STATE_FILE
+            state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+            if "dense_head_kinds" not in state:
+                raise ValueError(
+                    f"init.dense_head: init_from: {path} holds no dense head (evf train saves one in "
+                    "the trainer_state.pt of runs with loss.dense > 0)"
+                )
+            copied = head.load_kinds(state["dense_head"], state["dense_head_kinds"])
+            log.info("dense head: %s from %s, %s new", copied, path, sorted(set(head.kinds) - set(copied)))
+        return head
 
     def _build_location_head(self) -> LocationHead | None:
         """The training-only ``LocationHead`` when ``loss.location`` > 0 (like the dense head, never
@@ -261,6 +273,8 @@ class Trainer:
         }
         for name, head in self.training_heads.items():
             state[name] = head.state_dict()
+        if self.dense_head is not None:
+            state["dense_head_kinds"] = self.dense_head.kinds
         torch.save(state, staging / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
