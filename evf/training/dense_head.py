@@ -95,7 +95,7 @@ class DenseHead(nn.Module):
         levels = [embeddings.image_embed, *embeddings.high_res]
         upsampled = [F.interpolate(x.float(), size, mode="bilinear") for x in levels]
         logits = self.classify(torch.cat(upsampled, dim=1))
-        return list(logits.split([LABEL_CLASSES[kind] for kind in self.kinds], dim=1))
+        return [logits[:, rows] for rows in self._rows(self.kinds).values()]
 
     def loss(self, embeddings: ImageEmbeddings, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The sum of each kind's cross-entropy on the object cells of ``labels`` (N, 3, S/4, S/4;

@@ -213,8 +213,8 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
             if "dense_head_kinds" not in state:
                 raise ValueError(
-                    f"init.dense_head: init_from: {path} holds no dense head (evf train saves one in "
-                    "the trainer_state.pt of runs with loss.dense > 0)"
+                    f"init.dense_head: init_from: {path} holds no dense head with its kinds (evf train "
+                    "saves both in the trainer_state.pt of runs with loss.dense > 0)"
                 )
             copied = head.load_kinds(state["dense_head"], state["dense_head_kinds"])
             log.info("dense head: %s from %s, %s new", copied, path, sorted(set(head.kinds) - set(copied)))
