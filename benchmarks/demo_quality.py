@@ -6,6 +6,10 @@ Ray job):
 1. **By what a referring phrase names**, on held-out scenes of ``evf.synthetic`` (seed 9999, never
    trained on): every referring expression is grouped by the words it uses (colour, size, shape
    name or the word "shape", and a position such as "on the left").
+   Beside each mean: the share of prompts whose mask misses (IoU < 0.5: another object, or a
+   union) and the mean IoU of the rest, which separates choosing the object from drawing it; and
+   the resolution ceiling, what a perfect mask on the model's low-res grid (a quarter of SAM's
+   input side) scores once the predictor upsamples it.
 2. **Do position words change the mask?** For every object that shares its description with exactly
    one other, well apart (``referring_candidates(..., every_position=True)``), the mask of "the
    circle on the left" against the mask of "the circle on the right": a model that ignores the
@@ -26,6 +30,8 @@ import math
 from collections import defaultdict
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
@@ -69,6 +75,24 @@ def by_phrase_kind(predictor: EvfSam2Predictor, count: int) -> dict[str, list[fl
         if row.kind == "referring":
             ious[phrase_kind(expr.prompt)].append(row.iou)
     return ious
+
+
+def resolution_ceiling(predictor: EvfSam2Predictor, count: int) -> float:
+    """Mean IoU over the referring targets of held-out scenes ``0..count-1`` of a perfect low-res
+    mask: each target area-averaged onto the model's low-res grid (SAM 2's masks are a quarter of
+    its input side; the image is resized to a square, as the predictor does), made a logit map
+    (coverage - 0.5) and upsampled by the predictor's own ``_upsample``."""
+    side = predictor.model.sam_image_size // 4
+    ious = []
+    for index in range(count):
+        for expr in generate_scene(HELD_OUT_SEED, index).expressions:
+            if expr.kind != "referring":
+                continue
+            target = torch.from_numpy(expr.mask.astype(np.float32))[None, None]
+            coverage = F.interpolate(target, (side, side), mode="area")[:, 0]
+            (logits,) = EvfSam2Predictor._upsample(coverage - 0.5, [expr.mask.shape])
+            ious.append(iou_of(*mask_counts(logits > 0, expr.mask)))
+    return float(np.mean(ious))
 
 
 def position_pairs(seed: int, index: int) -> tuple[np.ndarray, list[tuple[str, str, np.ndarray, np.ndarray]]]:
@@ -189,11 +213,16 @@ def drawn_scores(predictor: EvfSam2Predictor, count: int) -> dict[str, list[floa
 
 
 def print_table(title: str, ious: dict[str, list[float]]) -> None:
-    print(f"\n{title}\n{'phrase names':<28}{'prompts':>8}{'mean IoU':>10}")
-    for kind in sorted(ious, key=lambda k: (len(k.split("+")), k)):
-        print(f"{kind:<28}{len(ious[kind]):>8}{np.mean(ious[kind]):>10.3f}")
-    every = [v for values in ious.values() for v in values]
-    print(f"{'all':<28}{len(every):>8}{np.mean(every):>10.3f}")
+    """One row per kind: prompts, mean IoU, share with IoU < 0.5 (the mask misses: another object
+    or a union) and the mean IoU of the others."""
+    header = f"{'phrase names':<28}{'prompts':>8}{'mean IoU':>10}{'IoU < 0.5':>11}{'IoU of rest':>13}"
+    print(f"\n{title}\n{header}")
+    kinds = sorted(ious.items(), key=lambda kv: (len(kv[0].split("+")), kv[0]))
+    for kind, values in [*kinds, ("all", [v for kind_ious in ious.values() for v in kind_ious])]:
+        scores = np.asarray(values)
+        hit = scores >= 0.5
+        rest = f"{scores[hit].mean():>13.3f}" if hit.any() else f"{'-':>13}"
+        print(f"{kind:<28}{len(scores):>8}{scores.mean():>10.3f}{1 - hit.mean():>11.3f}{rest}")
 
 
 def main() -> None:
@@ -209,6 +238,7 @@ def main() -> None:
         f"referring phrases of {args.scenes} held-out scenes (seed {HELD_OUT_SEED})",
         by_phrase_kind(predictor, args.scenes),
     )
+    print(f"{'a perfect low-res mask':<28}{'':>8}{resolution_ceiling(predictor, args.scenes):>10.3f}")
     following = position_following(predictor, args.scenes)
     print(f'\nposition words on the same {args.scenes} scenes: does "on the left" change the mask?')
     for name, value in following.items():
