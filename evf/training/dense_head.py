@@ -65,14 +65,15 @@ class DenseHead(nn.Module):
 
     def __init__(self, d_model: int, kinds: Sequence[str]) -> None:
         super().__init__()
-        self.kinds = [kind for kind in LABEL_KINDS if kind in kinds]
+        self.rows = self._rows(kinds)
+        self.kinds = list(self.rows)  # in LABEL_KINDS order, whatever order ``kinds`` has
         classes = sum(LABEL_CLASSES[kind] for kind in self.kinds)
         self.classify = nn.Conv2d(d_model + d_model // 8 + d_model // 4, classes, 1)
 
     def load_kinds(self, state: dict[str, Tensor], kinds: Sequence[str]) -> list[str]:
         """Copy the weights of every kind this head and another (its ``state_dict`` and ``kinds``)
         both classify; the others keep their fresh initialisation. Returns the kinds copied."""
-        ours, theirs = self._rows(self.kinds), self._rows(kinds)
+        ours, theirs = self.rows, self._rows(kinds)
         shared = [kind for kind in self.kinds if kind in theirs]
         with torch.no_grad():
             for kind in shared:
@@ -95,7 +96,7 @@ class DenseHead(nn.Module):
         levels = [embeddings.image_embed, *embeddings.high_res]
         upsampled = [F.interpolate(x.float(), size, mode="bilinear") for x in levels]
         logits = self.classify(torch.cat(upsampled, dim=1))
-        return [logits[:, rows] for rows in self._rows(self.kinds).values()]
+        return [logits[:, rows] for rows in self.rows.values()]
 
     def loss(self, embeddings: ImageEmbeddings, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         """The sum of each kind's cross-entropy on the object cells of ``labels`` (N, 3, S/4, S/4;
