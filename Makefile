@@ -15,5 +15,5 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check evf pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check evf pipelines tests benchmarks
+	$(VENV)/bin/ruff check evf cli pipelines training tests benchmarks scripts
+	$(VENV)/bin/ruff format --check evf cli pipelines training tests benchmarks scripts

@@ -37,7 +37,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-
 from evf.cli import add_overrides_argument  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -191,9 +190,8 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
 def run_pipeline(manifest: str, model: str, output: Path, overrides: list[str]) -> tuple[float, int, float]:
     """(seconds, rows, peak MB) of one job on a fresh local Ray."""
     import ray
-
-    from pipelines.config import load_config
-    from pipelines.job import run_job
+    from evf.pipelines.config import load_config
+    from evf.pipelines.job import run_job
 
     flags = {"manifest": manifest, "output": str(output), "model": model, "progress": False}
     config = load_config(None, overrides, flags)
@@ -226,7 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipelines.config import load_config
+    from evf.pipelines.config import load_config
 
     overrides = args.overrides
     config = load_config(None, overrides, {"manifest": "-", "output": "-"})

@@ -64,9 +64,10 @@ def write_manifest(path: Path, rows: int) -> None:
 
 def job_keys(manifest: Path, model: str) -> list[str]:
     """The key the job gives each image's rows (a key depends on the image, prompt, options, model)."""
+    from evf.pipelines.config import load_config
+    from evf.pipelines.read import parse_row
+
     from evf.manifest import scan_manifest
-    from pipelines.config import load_config
-    from pipelines.read import parse_row
 
     config = load_config(None, None, {"manifest": str(manifest), "output": "-", "model": model})
     file = scan_manifest(str(manifest)).files[0]
@@ -79,8 +80,8 @@ def job_keys(manifest: Path, model: str) -> list[str]:
 
 def fabricate_commits(output: Path, manifest: Path, committed: int, model: str) -> None:
     """Metadata for the first ``committed`` manifest rows, 32 rows a file, in ``METADATA_SCHEMA``."""
-    from pipelines.commit import METADATA_SCHEMA, OutputLayout
-    from pipelines.metadata import conform_metadata
+    from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
+    from evf.pipelines.metadata import conform_metadata
 
     keys = job_keys(manifest, model)
     index = np.arange(committed)
@@ -110,8 +111,8 @@ def fabricate_commits(output: Path, manifest: Path, committed: int, model: str) 
 
 def run(manifest: Path, output: Path, model: str) -> float:
     """Seconds of one job (the Ray instance is already up, as a cluster's would be)."""
-    from pipelines.config import load_config
-    from pipelines.job import run_job
+    from evf.pipelines.config import load_config
+    from evf.pipelines.job import run_job
 
     flags = {"manifest": str(manifest), "output": str(output), "model": model, "progress": False}
     start = time.perf_counter()
@@ -139,7 +140,7 @@ def resume_ratio(work: Path, committed: int, model: str, repeats: int) -> tuple[
     """(first resumed s, fresh s, resumed s, ratio). The first re-run meets the 32-row commit files
     and compacts them at its end; the others (medians, alternated with fresh jobs) are the steady
     state of a scheduled job."""
-    from pipelines.compact import compact
+    from evf.pipelines.compact import compact
 
     data = work / f"data-{committed}"
     write_images(data / "images")
@@ -175,7 +176,7 @@ def peak_rss_mb(manifest: Path, output: Path, model: str) -> float:
     high-water mark into a child through fork and exec (this script's own 1M-row fabrication would
     be measured)."""
     code = (
-        "from pipelines.config import load_config; from pipelines.job import run_job;"
+        "from evf.pipelines.config import load_config; from evf.pipelines.job import run_job;"
         f"s = run_job(load_config(None, None, {{'manifest': {str(manifest)!r}, 'output': {str(output)!r}, "
         f"'model': {model!r}, 'progress': False}}));"
         "assert s.missing == 0 and s.processed == 0;"
@@ -201,10 +202,9 @@ def s3_read_times(work: Path, model: str, rows: int) -> tuple[float, float, int,
     """Seconds to read the commit record of ``rows`` rows on a moto S3 server, before and after
     compaction, and the file counts."""
     import s3fs
-
-    from pipelines.commit import OutputLayout
-    from pipelines.compact import compact
-    from pipelines.metadata import load_committed
+    from evf.pipelines.commit import OutputLayout
+    from evf.pipelines.compact import compact
+    from evf.pipelines.metadata import load_committed
 
     data = work / "s3"
     data.mkdir(parents=True, exist_ok=True)

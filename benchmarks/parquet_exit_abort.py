@@ -1,6 +1,6 @@
 """Diagnostic (issue 12): how often a process aborts at exit after reading a manifest's id column.
 
-Each run is a fresh Python process that loads what the job's driver loads (``pipelines.manifest``:
+Each run is a fresh Python process that loads what the job's driver loads (``evf.pipelines.manifest``:
 torch, OpenCV, pyarrow...), reads the ``id`` column of a 200,000-row, 10-row-group Parquet file on a
 local moto S3 server through an fsspec handle, and exits. Runs alternate between Arrow's defaults
 (``pre_buffer=True``, ``use_threads=True``, as ``scan_manifest`` reads) and ``evf.parquet``; the
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 _CHILD = """
 import os, sys
-import pipelines.manifest  # noqa: F401  (the modules the job's driver has loaded)
+import evf.pipelines.manifest  # noqa: F401  (the modules the job's driver has loaded)
 import pyarrow.parquet as pq
 from evf.io import open_filesystem
 from evf.parquet import open_parquet

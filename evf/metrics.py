@@ -10,7 +10,7 @@
 Rows are grouped by prompt kind: a manifest's ``kind`` column where a row has one, else
 ``semantic`` (``semantic_type`` true), ``negative`` (``negative_prompt`` set) or ``referring``.
 
-Two evaluators produce an :class:`EvalReport`: ``pipelines.evaluate.evaluate`` (through the batch
+Two evaluators produce an :class:`EvalReport`: ``evf.pipelines.evaluate.evaluate`` (through the batch
 job, ``evf eval``) and :func:`evaluate_synthetic` (in process, on generated scenes).
 """
 

@@ -10,14 +10,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ConfigError": "pipelines.config",
-    "JobConfig": "pipelines.config",
-    "load_config": "pipelines.config",
-    "JobError": "pipelines.job",
-    "run_job": "pipelines.job",
-    "JobSummary": "pipelines.summary",
-    "format_summary": "pipelines.summary",
-    "evaluate": "pipelines.evaluate",
+    "ConfigError": "evf.pipelines.config",
+    "JobConfig": "evf.pipelines.config",
+    "load_config": "evf.pipelines.config",
+    "JobError": "evf.pipelines.job",
+    "run_job": "evf.pipelines.job",
+    "JobSummary": "evf.pipelines.summary",
+    "format_summary": "evf.pipelines.summary",
+    "evaluate": "evf.pipelines.evaluate",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -26,4 +26,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+    raise AttributeError(f"module 'evf.pipelines' has no attribute {name!r}")

@@ -1,10 +1,10 @@
-"""Output layout and writing the commit record (``pipelines.metadata`` reads it back).
+"""Output layout and writing the commit record (``evf.pipelines.metadata`` reads it back).
 
 Under the output URI::
 
     masks/<key>.png                  the mask (or the RGBA image when mask_only is false)
     metadata/part-<hash>.parquet     one file per committed batch (the commit record)
-    metadata/compact-<hash>.parquet  many part files merged by ``pipelines.compact``
+    metadata/compact-<hash>.parquet  many part files merged by ``evf.pipelines.compact``
     _job.json                        config used, counts and timings of the last run
     runs/<run_id>.json               the same record for every run
 
@@ -13,7 +13,7 @@ metadata file after them, in one object (atomic on object stores; temp file + re
 metadata row never points at a missing mask. The file name is a hash of the batch's ids: a retried
 task rewrites the same file instead of adding a second one. A row committed again (a retried error
 row, or a row a crashed run's orphaned workers committed while the next run redid it) is a second
-row for its id; readers keep the newest (``pipelines.metadata``).
+row for its id; readers keep the newest (``evf.pipelines.metadata``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from evf.pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 
 from evf.io import ImageWriteError, write_bytes
 from evf.request import OPTION_NAMES
 from evf.retry import RetryPolicy
 from evf.segment import SegmentResult
 from evf.storage import Storage, display_url, join_uri, open_filesystem
-from pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class OutputLayout:
 class JobOutput:
     """Where and as what a run commits rows: shared by every stage that writes metadata.
 
-    ``counters``: the run's ``pipelines.progress.RunCounters`` actor (None outside a job), told the
+    ``counters``: the run's ``evf.pipelines.progress.RunCounters`` actor (None outside a job), told the
     statuses of each commit so the driver can show progress.
     """
 

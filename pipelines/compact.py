@@ -4,7 +4,7 @@ A job commits one small Parquet file per batch (31,250 files per million rows at
 which every reader then lists and opens. ``compact`` merges them:
 
 1. list the metadata files and read their ``id`` and ``run_id`` columns (in parallel): which row of
-   each id wins, the newest run's (``pipelines.metadata.newest_per_id``);
+   each id wins, the newest run's (``evf.pipelines.metadata.newest_per_id``);
 2. read the whole rows a slice of files at a time and keep the winners, each slice encoded at once
    as a row group of the merged file being built (only its compressed bytes are held);
 3. write those as ``compact-<digest>-<n>.parquet`` files of at most ``rows_per_file`` rows, each
@@ -13,7 +13,7 @@ which every reader then lists and opens. ``compact`` merges them:
 4. only then delete the source files (not the files step 3 wrote).
 
 A crash at any point loses no row: sources are deleted only after every merged file is written, and
-a crash between 3 and 4 leaves rows twice, which every reader through ``pipelines.metadata``
+a crash between 3 and 4 leaves rows twice, which every reader through ``evf.pipelines.metadata``
 resolves (same id, same run: the same row). A raw Parquet reader of ``metadata/`` sees those
 duplicates until the next compaction. Files that a running job commits meanwhile are not in the
 listing of step 1 and are left alone.
@@ -32,12 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
+from evf.pipelines.metadata import FILES_PER_MERGE, list_metadata_files, newest_per_id, read_metadata_files
+from evf.pipelines.workers import map_threads
 
 from evf.io import write_bytes
 from evf.storage import join_uri, open_filesystem
-from pipelines.commit import METADATA_SCHEMA, OutputLayout
-from pipelines.metadata import FILES_PER_MERGE, list_metadata_files, newest_per_id, read_metadata_files
-from pipelines.workers import map_threads
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+from evf.pipelines.config import JobConfig, load_config
+from evf.pipelines.job import run_job
+from evf.pipelines.metadata import read_metadata
 
 from evf.config import Overrides
 from evf.io import load_mask
 from evf.manifest import ManifestError, read_rows, resolve_url, row_id, scan_manifest
 from evf.metrics import EvalReport, RowResult, derive_kind, mask_counts
 from evf.storage import Storage, display_url
-from pipelines.config import JobConfig, load_config
-from pipelines.job import run_job
-from pipelines.metadata import read_metadata
 
 log = logging.getLogger("evf.eval")
 
@@ -140,7 +140,7 @@ def evaluate(
         overrides: config overrides, ``{"inference.batch_size": 4}`` or ``["inference.batch_size=4"]``.
 
     Raises:
-        evf.config.ConfigError: invalid config. pipelines.job.JobError: the job failed.
+        evf.config.ConfigError: invalid config. evf.pipelines.job.JobError: the job failed.
         EvalError: missing ground truth, a mask that cannot be read or does not match its ground
             truth's size, or outputs computed from other inputs (other model, prompt or options).
     """

@@ -1,6 +1,6 @@
 """A finished job's masks as COCO instance segmentation and as Label Studio tasks.
 
-Both exports read the job's output only (``pipelines.job_rows``); ``ok`` rows give annotations,
+Both exports read the job's output only (``evf.pipelines.job_rows``); ``ok`` rows give annotations,
 ``empty`` rows give images without annotations, ``error`` rows are left out. A row run with
 ``use_grounding_dino`` gives one annotation per GroundingDINO instance (that box's own SAM 2 mask, as
 the metadata's ``instances`` record it); any other row gives one annotation: its final mask.
@@ -28,11 +28,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from evf.pipelines.job_rows import attach_manifest_columns, category_names, read_job_rows
 from pycocotools import mask as mask_util
 
 from evf.io import write_bytes
 from evf.postprocess import decode_rle, pycoco_rle
-from pipelines.job_rows import attach_manifest_columns, category_names, read_job_rows
 
 __all__ = [
     "export_coco",

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from evf.pipelines.commit import JobOutput
+from evf.pipelines.rows import ImageUnit, JobRow, units_from_table
+from evf.pipelines.workers import error_text, map_threads, release_memory
 
 from evf.io import encode_png, write_bytes
 from evf.retry import is_retryable
 from evf.segment import RawMasks, finish
-from pipelines.commit import JobOutput
-from pipelines.rows import ImageUnit, JobRow, units_from_table
-from pipelines.workers import error_text, map_threads, release_memory
 
 __all__ = ["FINISHED_SCHEMA", "FinishSettings", "finish_batch"]
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from evf.pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
+from evf.pipelines.workers import error_text, release_memory
 
 from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import SegmentRequest
 from evf.storage import Storage
 from evf.transforms import PreparedImage
-from pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
-from pipelines.workers import error_text, release_memory
 
 __all__ = ["MODEL_ROWS", "NODE_PREFIX", "InferenceSettings", "InferenceStage"]
 

@@ -23,6 +23,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from evf.pipelines.commit import JobOutput, OutputLayout, clear_outputs
+from evf.pipelines.compact import AUTO_COMPACT_FILES, compact
+from evf.pipelines.config import JobConfig
+from evf.pipelines.dataset import build_dataset, data_context, describe_reservations
+from evf.pipelines.infer import MODEL_ROWS, NODE_PREFIX
+from evf.pipelines.metadata import Committed, list_metadata_files, load_committed, release_arrow_memory
+from evf.pipelines.native_stderr import filtered_native_stderr
+from evf.pipelines.progress import JobProgress, start_counters
+from evf.pipelines.read import CommittedIndex
+from evf.pipelines.summary import JobSummary, RunRecord, summarize_run
 
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
@@ -31,16 +41,6 @@ from evf.parquet import read_parquet
 from evf.predictor import CheckpointInfo, describe_checkpoint
 from evf.retry import call_with_retry
 from evf.storage import Storage, display_url, open_filesystem
-from pipelines.commit import JobOutput, OutputLayout, clear_outputs
-from pipelines.compact import AUTO_COMPACT_FILES, compact
-from pipelines.config import JobConfig
-from pipelines.dataset import build_dataset, data_context, describe_reservations
-from pipelines.infer import MODEL_ROWS, NODE_PREFIX
-from pipelines.metadata import Committed, list_metadata_files, load_committed, release_arrow_memory
-from pipelines.native_stderr import filtered_native_stderr
-from pipelines.progress import JobProgress, start_counters
-from pipelines.read import CommittedIndex
-from pipelines.summary import JobSummary, RunRecord, summarize_run
 
 log = logging.getLogger("evf.run")
 
@@ -231,7 +231,7 @@ def _run_pipeline(
 
 
 def _compact_if_many(layout: OutputLayout, storage: Storage) -> None:
-    """Merge this output's per-batch commit files once there are many (``pipelines.compact``)."""
+    """Merge this output's per-batch commit files once there are many (``evf.pipelines.compact``)."""
     options = storage.options(layout.metadata)
     parts = [p for p in list_metadata_files(layout, options)[1] if p.rsplit("/", 1)[-1].startswith("part-")]
     if len(parts) > AUTO_COMPACT_FILES:

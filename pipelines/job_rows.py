@@ -1,6 +1,6 @@
 """A finished job's rows, as the review page and the exports read them.
 
-The rows are the job's metadata (``pipelines.commit.read_metadata``: one dict per manifest row in
+The rows are the job's metadata (``evf.pipelines.commit.read_metadata``: one dict per manifest row in
 ``METADATA_SCHEMA``), optionally joined with columns of the manifest the job ran on (ground-truth
 ``mask_url``, a category column...). The join is on ``(manifest_file, manifest_row)``, which every
 metadata row records, so derived ids and column mappings play no part in it.
@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+from evf.pipelines.metadata import read_metadata
 
 from evf.errors import UserError
 from evf.io import read_bytes
 from evf.manifest import read_rows, resolve_url, scan_manifest
-from pipelines.metadata import read_metadata
 
 __all__ = [
     "CategoryError",

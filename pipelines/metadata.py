@@ -20,11 +20,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
+from evf.pipelines.workers import map_threads
 
 from evf.parquet import open_parquet
 from evf.storage import open_filesystem
-from pipelines.commit import METADATA_SCHEMA, OutputLayout
-from pipelines.workers import map_threads
 
 __all__ = [
     "ACCOUNTING_COLUMNS",

@@ -3,7 +3,7 @@
 Rows are committed by three stages (invalid rows at read, unreadable images at decode, the rest at
 finish), so each commit reports its statuses to one small actor, :class:`RunCounters`, which the
 driver polls to draw a single job-level line (rows done / to do, ok / empty / error, rows/s, ETA).
-The authoritative counts at the end come from the metadata itself (``pipelines.summary``).
+The authoritative counts at the end come from the metadata itself (``evf.pipelines.summary``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Stage 0: read the manifest, validate each row once, and keep only the rows that need the model.
 
 Each read task reads a row range of one manifest file (row positions give derived ids, see
-``evf.manifest``). Every row is validated here, once, into a :class:`pipelines.rows.JobRow`:
+``evf.manifest``). Every row is validated here, once, into a :class:`evf.pipelines.rows.JobRow`:
 
 - a row already committed under the output is dropped (resume; counted as ``stale`` when its key
   changed since it was committed);
@@ -30,11 +30,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from evf.pipelines.commit import JobOutput
+from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 
 from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
 from evf.request import EXTENSION_OPTIONS, OPTION_DEFAULTS, OPTION_NAMES, InvalidRequestError, parse_request
-from pipelines.commit import JobOutput
-from pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 
 __all__ = [
     "READ_COLUMNS",

@@ -32,14 +32,14 @@ from urllib.parse import quote
 
 import cv2
 import numpy as np
+from evf.pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
+from evf.pipelines.workers import error_kind
 from tqdm.auto import tqdm
 
 from evf.io import load_image, load_mask, write_bytes
 from evf.overlay import outline, paint_mask
 from evf.postprocess import decode_rle
 from evf.storage import join_uri
-from pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
-from pipelines.workers import error_kind
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def write_review(
             thumbs.update(task.result())
     data = json.dumps(review_rows(rows, thumbs), ensure_ascii=False, allow_nan=False)
     write_bytes(join_uri(assets, "rows.js"), f"window.EVF_REVIEW = {data};\n".encode(), storage_options)
-    template = resources.files("pipelines").joinpath("review_page/review.html").read_text("utf-8")
+    template = resources.files("evf.pipelines").joinpath("review_page/review.html").read_text("utf-8")
     text = template.replace("__ASSETS__", assets_link).replace("__TITLE__", html.escape(output))
     write_bytes(page_uri, text.encode("utf-8"), storage_options)
     return page_uri

@@ -10,12 +10,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from evf.pipelines.commit import STATUSES, OutputLayout
+from evf.pipelines.metadata import ACCOUNTING_COLUMNS, Committed, load_committed
+from evf.pipelines.workers import error_kind
 
 from evf.io import write_bytes
 from evf.storage import Storage, display_url
-from pipelines.commit import STATUSES, OutputLayout
-from pipelines.metadata import ACCOUNTING_COLUMNS, Committed, load_committed
-from pipelines.workers import error_kind
 
 log = logging.getLogger("evf.run")
 
@@ -45,7 +45,7 @@ class RunRecord:
 
 @dataclass
 class ErrorKind:
-    """The error rows of one kind (``pipelines.workers.error_kind``): how many, the first few ids."""
+    """The error rows of one kind (``evf.pipelines.workers.error_kind``): how many, the first few ids."""
 
     kind: str
     rows: int

@@ -13,11 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from evf.pipelines.config import load_config
+from evf.pipelines.job import run_job
+from evf.pipelines.review import write_review
 from playwright.sync_api import sync_playwright
-
-from pipelines.config import load_config
-from pipelines.job import run_job
-from pipelines.review import write_review
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "images" / "review.png"

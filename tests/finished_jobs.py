@@ -38,9 +38,8 @@ _MANIFEST_TYPES = {
 def _run_finished_job(root: Path, rows: list[dict[str, Any]], **overrides: Any) -> FinishedJob:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from pipelines.config import DEFAULT_CONFIG, load_config
-    from pipelines.job import run_job
+    from evf.pipelines.config import DEFAULT_CONFIG, load_config
+    from evf.pipelines.job import run_job
 
     schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in _MANIFEST_TYPES.items()])
     table = pa.Table.from_pylist([{n: row.get(n) for n in _MANIFEST_TYPES} for row in rows], schema=schema)

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
-
-from pipelines.commit import OutputLayout, write_metadata
-from pipelines.metadata import load_committed, read_metadata
+from evf.pipelines.commit import OutputLayout, write_metadata
+from evf.pipelines.metadata import load_committed, read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS, PER_COMMIT = 20_000, 32

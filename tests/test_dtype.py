@@ -62,7 +62,7 @@ def test_from_pretrained_auto_runs_the_chosen_dtype_and_stays_close() -> None:
 
 def test_cli_and_job_config_offer_the_library_names() -> None:
     from evf.cli.segment import DTYPES
-    from pipelines.config import InferenceConfig
+    from evf.pipelines.config import InferenceConfig
 
     assert DTYPES == DTYPE_NAMES
     assert InferenceConfig().dtype == "auto"

@@ -1,4 +1,4 @@
-"""``evf eval`` / ``pipelines.evaluate``: IoU of the tiny fixture model over a small synthetic manifest.
+"""``evf eval`` / ``evf.pipelines.evaluate``: IoU of the tiny fixture model over a small synthetic manifest.
 
 The model runs through the real job (Ray, local); per-row IoUs are recomputed here from the written
 mask files and the ground-truth PNGs (read with Pillow, not with the module's OpenCV readers).
@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from evf.cli import main
+from evf.pipelines.evaluate import EvalError, evaluate, read_ground_truth
+from evf.pipelines.metadata import read_metadata
 from PIL import Image
 
-from evf.cli import main
 from evf.metrics import EvalReport, RowResult, Scores, derive_kind, evaluate_synthetic
 from evf.synthetic import write_dataset
-from pipelines.evaluate import EvalError, evaluate, read_ground_truth
-from pipelines.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from evf.pipelines.metadata import read_metadata
 from faultproxy import FaultProxy
 
 from evf.synthetic import write_dataset
-from pipelines.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -206,8 +206,8 @@ def test_a_truncated_checkpoint_fails_in_seconds_before_ray_naming_the_file(tmp_
 
 
 def test_bad_bytes_in_one_manifest_file_fail_their_rows_only(tmp_path: Path) -> None:
-    from pipelines.config import load_config
-    from pipelines.job import run_job
+    from evf.pipelines.config import load_config
+    from evf.pipelines.job import run_job
 
     data = tmp_path / "data"
     write_dataset(24, 2, str(data), expressions_per_scene=2)

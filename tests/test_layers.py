@@ -13,19 +13,26 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("evf", "pipelines")
+# Each layer is a folder at the repository root, installed inside the one ``evf`` package.
+FOLDERS = {"evf": "evf", "cli": "evf.cli", "pipelines": "evf.pipelines", "training": "evf.training"}
 
-# Layer of a module: the first prefix that matches (order matters: evf.cli and evf.training first).
-LAYERS = (("evf.cli", 3), ("pipelines", 2), ("evf.training", 2), ("evf", 1))
+# Layer of a module: the first prefix that matches (order matters: the library's prefix comes last).
+LAYERS = (("evf.cli", 3), ("evf.pipelines", 2), ("evf.training", 2), ("evf", 1))
 # The two middle layers stand beside each other: neither imports the other.
-SIBLINGS = {("pipelines", "evf.training"), ("evf.training", "pipelines")}
+SIBLINGS = {("evf.pipelines", "evf.training"), ("evf.training", "evf.pipelines")}
 
 
 def module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    folder, *parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join([FOLDERS[folder], *parts])
+
+
+def test_each_folder_holds_one_layer() -> None:
+    """The folders say what the layers are: the library's folder holds no module of a higher layer."""
+    library = {layer(module_name(p, REPO))[0] for p in (REPO / "evf").rglob("*.py")}
+    assert library == {"evf"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -41,10 +48,10 @@ def imports_of(path: Path) -> set[str]:
 
 def project_graph(root: Path) -> dict[str, set[str]]:
     """module -> the project modules it imports (``from a.b import c`` counts as ``a.b``)."""
-    files = {module_name(p, root): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    files = {module_name(p, root): p for folder in FOLDERS for p in (root / folder).rglob("*.py")}
     graph = {}
     for name, path in files.items():
-        targets = {m for m in imports_of(path) if m.split(".")[0] in PACKAGES}
+        targets = {m for m in imports_of(path) if m.split(".")[0] == "evf"}
         graph[name] = {m for m in targets if m in files and m != name}
     return graph
 
@@ -90,7 +97,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_nothing_imports_upward() -> None:
     graph = project_graph(REPO)
-    assert {"evf.predictor", "evf.cli", "pipelines.job", "evf.training.trainer"} <= set(graph)
+    assert {"evf.predictor", "evf.cli", "evf.pipelines.job", "evf.training.trainer"} <= set(graph)
     assert violations(graph) == []
 
 
@@ -101,12 +108,16 @@ def test_no_import_cycles() -> None:
 @pytest.mark.parametrize(
     ("module", "source", "expected"),
     [
-        ("evf/metrics.py", "from pipelines.job import run_job\n", "evf.metrics (evf) imports pipelines.job"),
+        (
+            "evf/metrics.py",
+            "from evf.pipelines.job import run_job\n",
+            "evf.metrics (evf) imports evf.pipelines.job",
+        ),
         ("evf/io.py", "def f():\n    import evf.cli\n", "evf.io (evf) imports evf.cli"),
         (
             "pipelines/job.py",
             "from evf.training import train\n",
-            "pipelines.job (pipelines) imports evf.training",
+            "evf.pipelines.job (evf.pipelines) imports evf.training",
         ),
     ],
 )
@@ -116,8 +127,8 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path, module: str, source: 
         "evf/__init__.py",
         "evf/io.py",
         "evf/metrics.py",
-        "evf/cli/__init__.py",
-        "evf/training/__init__.py",
+        "cli/__init__.py",
+        "training/__init__.py",
         "pipelines/__init__.py",
         "pipelines/job.py",
     ):

@@ -24,9 +24,9 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from evf.pipelines.metadata import read_metadata
 
 from evf.synthetic import write_dataset
-from pipelines.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"

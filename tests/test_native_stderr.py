@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import os, sys
-from pipelines.native_stderr import filtered_native_stderr
+from evf.pipelines.native_stderr import filtered_native_stderr
 noise = (b"[2026-12-07 01:19:25,723 E 1895 1895] core_worker.cc:2465: Actor with class name: "
          b"'MapWorker(MapBatches(InferenceStage))' and ID: 'ab' has constructor arguments in the "
          b"object store and max_restarts > 0. See https://github.com/ray-project/ray/issues/53727\n")

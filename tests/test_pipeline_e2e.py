@@ -27,14 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_text_png, make_truncated_png, rle_to_mask
+from evf.pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
+from evf.pipelines.job import run_job
+from evf.pipelines.metadata import read_metadata
+from evf.pipelines.summary import JobSummary, format_summary
 
 from evf.config import ConfigError
 from evf.io import decode_image, read_bytes
 from evf.synthetic import write_dataset
-from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
-from pipelines.job import run_job
-from pipelines.metadata import read_metadata
-from pipelines.summary import JobSummary, format_summary
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -255,6 +255,7 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
     the demo one, from an empty directory outside the checkout: the installed package finds its
     default config and the sample manifest wherever it runs."""
     from evf.cli import main
+
     from evf.predictor import EvfSam2Predictor
     from evf.segment import segment
 
@@ -525,7 +526,7 @@ def test_progress_line_says_rows_statuses_rate_and_eta(ray_session):
     """The job-level line, drawn from the counts that every stage's commits report."""
     import io
 
-    from pipelines.progress import JobProgress, start_counters
+    from evf.pipelines.progress import JobProgress, start_counters
 
     counters = start_counters()
     screen = io.StringIO()
@@ -543,7 +544,7 @@ def test_progress_line_says_rows_statuses_rate_and_eta(ray_session):
 def test_committed_rows_never_reach_the_model_and_retryable_errors_are_redone(ray_session, tmp_path):
     """A re-run costs what is left: committed rows leave at the read stage (the model actors see
     only the new rows), and a row committed as a retryable error is done again and replaces it."""
-    from pipelines.commit import OutputLayout, write_metadata
+    from evf.pipelines.commit import OutputLayout, write_metadata
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE.parent / "images", data / "images")

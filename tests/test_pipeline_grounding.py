@@ -20,6 +20,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import rle_to_mask
+from evf.pipelines.commit import (
+    METADATA_SCHEMA,
+    JobOutput,
+    OutputLayout,
+    metadata_table,
+    write_metadata,
+)
+from evf.pipelines.config import DEFAULT_CONFIG, load_config
+from evf.pipelines.decode import DecodeSettings, decode_batch
+from evf.pipelines.infer import InferenceSettings, InferenceStage
+from evf.pipelines.job import run_job
+from evf.pipelines.metadata import load_committed, read_metadata
+from evf.pipelines.read import ReadSettings, grounding_id, parse_row, read_task
+from evf.pipelines.rows import JobRow, units_from_table
+from evf.pipelines.summary import JobSummary
 from test_pipeline_e2e import check_outputs
 
 from evf.manifest import scan_manifest
@@ -27,21 +42,6 @@ from evf.postprocess import postprocess
 from evf.predictor import describe_checkpoint
 from evf.request import parse_request
 from evf.storage import Storage
-from pipelines.commit import (
-    METADATA_SCHEMA,
-    JobOutput,
-    OutputLayout,
-    metadata_table,
-    write_metadata,
-)
-from pipelines.config import DEFAULT_CONFIG, load_config
-from pipelines.decode import DecodeSettings, decode_batch
-from pipelines.infer import InferenceSettings, InferenceStage
-from pipelines.job import run_job
-from pipelines.metadata import load_committed, read_metadata
-from pipelines.read import ReadSettings, grounding_id, parse_row, read_task
-from pipelines.rows import JobRow, units_from_table
-from pipelines.summary import JobSummary
 
 pytest.importorskip("transformers")
 

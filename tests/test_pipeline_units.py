@@ -11,21 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from evf.config import ConfigError
-from evf.io import encode_png
-from evf.manifest import ManifestError, resolve_url, scan_manifest
-from evf.predictor import describe_checkpoint
-from evf.storage import Storage
-from pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, write_metadata
-from pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
-from pipelines.decode import DecodeSettings, decode_batch
-from pipelines.finish import FinishSettings, finish_batch
-from pipelines.infer import InferenceSettings, InferenceStage
-from pipelines.metadata import load_committed, read_metadata
-from pipelines.read import (
+from evf.pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, write_metadata
+from evf.pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
+from evf.pipelines.decode import DecodeSettings, decode_batch
+from evf.pipelines.finish import FinishSettings, finish_batch
+from evf.pipelines.infer import InferenceSettings, InferenceStage
+from evf.pipelines.metadata import load_committed, read_metadata
+from evf.pipelines.read import (
     CommittedIndex,
     InvalidRow,
     ReadSettings,
@@ -34,7 +26,15 @@ from pipelines.read import (
     request_key,
     task_ranges,
 )
-from pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
+from evf.pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evf.config import ConfigError
+from evf.io import encode_png
+from evf.manifest import ManifestError, resolve_url, scan_manifest
+from evf.predictor import describe_checkpoint
+from evf.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -368,7 +368,7 @@ def test_decode_stage_reads_each_image_once_per_batch(tmp_path, checkpoint, monk
     assert to_do.schema == ROW_SCHEMA and to_do.column("id").to_pylist() == ["1", "2", "3", "4"]
 
     reads = []
-    import pipelines.decode as decode
+    import evf.pipelines.decode as decode
 
     real_read = decode.read_bytes
     monkeypatch.setattr(decode, "read_bytes", lambda url, *args: reads.append(url) or real_read(url, *args))
@@ -469,7 +469,7 @@ def _checkpoint_without_semantic(tmp_path: Path) -> Path:
 def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
     tmp_path, caplog, semantic_rows, warned
 ):
-    from pipelines.job import warn_if_semantic_unsupported
+    from evf.pipelines.job import warn_if_semantic_unsupported
 
     manifest_path = tmp_path / "m.parquet"
     pq.write_table(

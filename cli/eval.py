@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import EvalError, evaluate
-    from pipelines.job import JobError
+    from evf.pipelines.evaluate import EvalError, evaluate
+    from evf.pipelines.job import JobError
 
     try:
         report = evaluate(args.manifest, args.model, args.output, args.config, args.overrides)

@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from evf.pipelines.compact import ROWS_PER_FILE, compact
+
     from evf.storage import Storage
-    from pipelines.compact import ROWS_PER_FILE, compact
 
     options = Storage.from_environment().options(args.output)
     done = compact(args.output, options, args.rows_per_file or ROWS_PER_FILE)

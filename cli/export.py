@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from evf.pipelines.export import write_coco, write_labelstudio
+    from evf.pipelines.job_rows import load_category_map
+
     from evf.storage import Storage
-    from pipelines.export import write_coco, write_labelstudio
-    from pipelines.job_rows import load_category_map
 
     storage = Storage.from_environment().options(args.output)
     options: dict[str, Any] = {

@@ -97,13 +97,13 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipelines.config import load_config
-    from pipelines.job import JobError, run_job
-    from pipelines.summary import format_summary
+    from evf.pipelines.config import load_config
+    from evf.pipelines.job import JobError, run_job
+    from evf.pipelines.summary import format_summary
 
     config = load_config(args.config, args.overrides, _flags(args))
     if args.dry_run:
-        from pipelines.dryrun import dry_run, format_dry_run
+        from evf.pipelines.dryrun import dry_run, format_dry_run
 
         print(format_dry_run(dry_run(config)))
         return 0

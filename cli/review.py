@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from evf.pipelines.review import write_review
+
     from evf.storage import Storage
-    from pipelines.review import write_review
 
     storage = Storage.from_environment()
     page = write_review(
