@@ -37,6 +37,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+
 from evf.cli import add_overrides_argument  # noqa: E402
 
 FIXTURE = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
@@ -190,6 +191,7 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
 def run_pipeline(manifest: str, model: str, output: Path, overrides: list[str]) -> tuple[float, int, float]:
     """(seconds, rows, peak MB) of one job on a fresh local Ray."""
     import ray
+
     from evf.pipelines.config import load_config
     from evf.pipelines.job import run_job
 

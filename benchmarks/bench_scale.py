@@ -64,10 +64,9 @@ def write_manifest(path: Path, rows: int) -> None:
 
 def job_keys(manifest: Path, model: str) -> list[str]:
     """The key the job gives each image's rows (a key depends on the image, prompt, options, model)."""
+    from evf.manifest import scan_manifest
     from evf.pipelines.config import load_config
     from evf.pipelines.read import parse_row
-
-    from evf.manifest import scan_manifest
 
     config = load_config(None, None, {"manifest": str(manifest), "output": "-", "model": model})
     file = scan_manifest(str(manifest)).files[0]
@@ -202,6 +201,7 @@ def s3_read_times(work: Path, model: str, rows: int) -> tuple[float, float, int,
     """Seconds to read the commit record of ``rows`` rows on a moto S3 server, before and after
     compaction, and the file counts."""
     import s3fs
+
     from evf.pipelines.commit import OutputLayout
     from evf.pipelines.compact import compact
     from evf.pipelines.metadata import load_committed

@@ -41,16 +41,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from evf.training.config import InitSpec
-from evf.training.dense_head import DenseHead, cell_labels, label_maps
-from evf.training.init import hiera_attention, init_image_encoder_positions, mimetic_init
-from evf.training.trainer import decay_groups, lr_factor
 from torch import Tensor, nn
 
 from evf.model.checkpoint import DEMO_MODEL_DIR
 from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.synthetic import SHAPES, generate_scene
+from evf.training.config import InitSpec
+from evf.training.dense_head import DenseHead, cell_labels, label_maps
+from evf.training.init import hiera_attention, init_image_encoder_positions, mimetic_init
+from evf.training.trainer import decay_groups, lr_factor
 from evf.transforms import normalize_sam, prepare_sam_multitask
 
 HELD_OUT_SEED, TRAIN_SEED = 9999, 0

@@ -14,7 +14,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     from evf.pipelines.compact import ROWS_PER_FILE, compact
-
     from evf.storage import Storage
 
     options = Storage.from_environment().options(args.output)

@@ -31,7 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from evf.pipelines.export import write_coco, write_labelstudio
     from evf.pipelines.job_rows import load_category_map
-
     from evf.storage import Storage
 
     storage = Storage.from_environment().options(args.output)

@@ -19,7 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     from evf.pipelines.review import write_review
-
     from evf.storage import Storage
 
     storage = Storage.from_environment()

@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from evf.pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 
 from evf.io import ImageWriteError, write_bytes
+from evf.pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 from evf.request import OPTION_NAMES
 from evf.retry import RetryPolicy
 from evf.segment import SegmentResult

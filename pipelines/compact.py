@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from evf.io import write_bytes
 from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
 from evf.pipelines.metadata import FILES_PER_MERGE, list_metadata_files, newest_per_id, read_metadata_files
 from evf.pipelines.workers import map_threads
-
-from evf.io import write_bytes
 from evf.storage import join_uri, open_filesystem
 
 log = logging.getLogger(__name__)

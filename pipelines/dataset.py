@@ -8,14 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from evf.manifest import Manifest
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.config import JobConfig
 from evf.pipelines.decode import DecodeSettings, decode_batch
 from evf.pipelines.finish import FinishSettings, finish_batch
 from evf.pipelines.infer import InferenceSettings, InferenceStage
 from evf.pipelines.read import ReadSettings, grounding_id, make_datasource, task_ranges
-
-from evf.manifest import Manifest
 from evf.predictor import CheckpointInfo
 
 __all__ = ["build_dataset", "data_context", "describe_reservations"]

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from evf.io import decode_image, read_bytes
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ImageUnit, JobRow, rows_from_table, units_table
 from evf.pipelines.workers import error_text, map_threads, release_memory
-
-from evf.io import decode_image, read_bytes
 from evf.retry import is_retryable
 from evf.transforms import Preprocessor
 

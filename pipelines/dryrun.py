@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from evf.io import read_bytes
+from evf.manifest import read_rows, scan_manifest
 from evf.pipelines.commit import OutputLayout
 from evf.pipelines.config import JobConfig
 from evf.pipelines.metadata import load_committed
 from evf.pipelines.read import READ_COLUMNS, CommittedIndex, InvalidRow, digests, grounding_id, parse_row
-
-from evf.io import read_bytes
-from evf.manifest import read_rows, scan_manifest
 from evf.storage import Storage, display_url
 
 __all__ = ["FAL_PRICE_PER_REQUEST", "DEFAULT_ROWS_PER_S", "DryRun", "dry_run", "format_dry_run"]

@@ -17,14 +17,14 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from evf.pipelines.config import JobConfig, load_config
-from evf.pipelines.job import run_job
-from evf.pipelines.metadata import read_metadata
 
 from evf.config import Overrides
 from evf.io import load_mask
 from evf.manifest import ManifestError, read_rows, resolve_url, row_id, scan_manifest
 from evf.metrics import EvalReport, RowResult, derive_kind, mask_counts
+from evf.pipelines.config import JobConfig, load_config
+from evf.pipelines.job import run_job
+from evf.pipelines.metadata import read_metadata
 from evf.storage import Storage, display_url
 
 log = logging.getLogger("evf.eval")

@@ -28,10 +28,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from evf.pipelines.job_rows import attach_manifest_columns, category_names, read_job_rows
 from pycocotools import mask as mask_util
 
 from evf.io import write_bytes
+from evf.pipelines.job_rows import attach_manifest_columns, category_names, read_job_rows
 from evf.postprocess import decode_rle, pycoco_rle
 
 __all__ = [

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from evf.io import encode_png, write_bytes
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ImageUnit, JobRow, units_from_table
 from evf.pipelines.workers import error_text, map_threads, release_memory
-
-from evf.io import encode_png, write_bytes
 from evf.retry import is_retryable
 from evf.segment import RawMasks, finish
 

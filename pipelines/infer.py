@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from evf.pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
-from evf.pipelines.workers import error_text, release_memory
 
 from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
+from evf.pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
+from evf.pipelines.workers import error_text, release_memory
 from evf.request import SegmentRequest
 from evf.storage import Storage
 from evf.transforms import PreparedImage

@@ -23,6 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from evf.config import ConfigError
+from evf.manifest import Manifest, ManifestError, scan_manifest
+from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
+from evf.parquet import read_parquet
 from evf.pipelines.commit import JobOutput, OutputLayout, clear_outputs
 from evf.pipelines.compact import AUTO_COMPACT_FILES, compact
 from evf.pipelines.config import JobConfig
@@ -33,11 +38,6 @@ from evf.pipelines.native_stderr import filtered_native_stderr
 from evf.pipelines.progress import JobProgress, start_counters
 from evf.pipelines.read import CommittedIndex
 from evf.pipelines.summary import JobSummary, RunRecord, summarize_run
-
-from evf.config import ConfigError
-from evf.manifest import Manifest, ManifestError, scan_manifest
-from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
-from evf.parquet import read_parquet
 from evf.predictor import CheckpointInfo, describe_checkpoint
 from evf.retry import call_with_retry
 from evf.storage import Storage, display_url, open_filesystem

@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
-from evf.pipelines.metadata import read_metadata
 
 from evf.errors import UserError
 from evf.io import read_bytes
 from evf.manifest import read_rows, resolve_url, scan_manifest
+from evf.pipelines.metadata import read_metadata
 
 __all__ = [
     "CategoryError",

@@ -20,10 +20,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
-from evf.pipelines.workers import map_threads
 
 from evf.parquet import open_parquet
+from evf.pipelines.commit import METADATA_SCHEMA, OutputLayout
+from evf.pipelines.workers import map_threads
 from evf.storage import open_filesystem
 
 __all__ = [

@@ -30,10 +30,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-from evf.pipelines.commit import JobOutput
-from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 
 from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
+from evf.pipelines.commit import JobOutput
+from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 from evf.request import EXTENSION_OPTIONS, OPTION_DEFAULTS, OPTION_NAMES, InvalidRequestError, parse_request
 
 __all__ = [

@@ -13,10 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from playwright.sync_api import sync_playwright
+
 from evf.pipelines.config import load_config
 from evf.pipelines.job import run_job
 from evf.pipelines.review import write_review
-from playwright.sync_api import sync_playwright
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "images" / "review.png"

@@ -38,6 +38,7 @@ _MANIFEST_TYPES = {
 def _run_finished_job(root: Path, rows: list[dict[str, Any]], **overrides: Any) -> FinishedJob:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from evf.pipelines.config import DEFAULT_CONFIG, load_config
     from evf.pipelines.job import run_job
 

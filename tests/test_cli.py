@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from evf.cli import SUBCOMMANDS, main
 
 IMAGE = Path(__file__).resolve().parent.parent / "examples" / "sample" / "images" / "2024-000000.png"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
+
 from evf.pipelines.commit import OutputLayout, write_metadata
 from evf.pipelines.metadata import load_committed, read_metadata
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from evf.pipelines.commit import OutputLayout, write_metadata
-from evf.pipelines.read import parse_row
 
 from evf.manifest import scan_manifest
+from evf.pipelines.commit import OutputLayout, write_metadata
+from evf.pipelines.read import parse_row
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from evf.cli import main
-from evf.pipelines.evaluate import EvalError, evaluate, read_ground_truth
-from evf.pipelines.metadata import read_metadata
 from PIL import Image
 
+from evf.cli import main
 from evf.metrics import EvalReport, RowResult, Scores, derive_kind, evaluate_synthetic
+from evf.pipelines.evaluate import EvalError, evaluate, read_ground_truth
+from evf.pipelines.metadata import read_metadata
 from evf.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,11 +15,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from label_studio_converter.brush import decode_rle as decode_brush_rle
+from pycocotools.coco import COCO
+
 from evf.pipelines.export import export_coco, export_labelstudio, write_coco, write_labelstudio
 from evf.pipelines.job_rows import CategoryError
 from evf.pipelines.metadata import read_metadata
-from label_studio_converter.brush import decode_rle as decode_brush_rle
-from pycocotools.coco import COCO
 
 
 def job_rows(output: Path) -> dict[str, dict[str, Any]]:
@@ -242,6 +243,7 @@ def test_export_and_review_commands(finished_job, tmp_path, capsys):
     """``evf export coco|labelstudio`` and ``evf review`` on a finished job: the files they write are
     the ones the functions above make (the category map read from a YAML file)."""
     import yaml
+
     from evf.cli import main
 
     categories = tmp_path / "categories.yaml"

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from evf.pipelines.metadata import read_metadata
 from faultproxy import FaultProxy
 
+from evf.pipelines.metadata import read_metadata
 from evf.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from evf.pipelines.metadata import read_metadata
 
+from evf.pipelines.metadata import read_metadata
 from evf.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent

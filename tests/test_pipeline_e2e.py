@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_text_png, make_truncated_png, rle_to_mask
+
+from evf.config import ConfigError
+from evf.io import decode_image, read_bytes
 from evf.pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from evf.pipelines.job import run_job
 from evf.pipelines.metadata import read_metadata
 from evf.pipelines.summary import JobSummary, format_summary
-
-from evf.config import ConfigError
-from evf.io import decode_image, read_bytes
 from evf.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -255,7 +255,6 @@ def test_readme_command_on_sample_manifest(ray_session, tmp_path, capsys, fixtur
     the demo one, from an empty directory outside the checkout: the installed package finds its
     default config and the sample manifest wherever it runs."""
     from evf.cli import main
-
     from evf.predictor import EvfSam2Predictor
     from evf.segment import segment
 

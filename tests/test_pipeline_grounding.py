@@ -20,6 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import rle_to_mask
+from test_pipeline_e2e import check_outputs
+
+from evf.manifest import scan_manifest
 from evf.pipelines.commit import (
     METADATA_SCHEMA,
     JobOutput,
@@ -35,9 +38,6 @@ from evf.pipelines.metadata import load_committed, read_metadata
 from evf.pipelines.read import ReadSettings, grounding_id, parse_row, read_task
 from evf.pipelines.rows import JobRow, units_from_table
 from evf.pipelines.summary import JobSummary
-from test_pipeline_e2e import check_outputs
-
-from evf.manifest import scan_manifest
 from evf.postprocess import postprocess
 from evf.predictor import describe_checkpoint
 from evf.request import parse_request

@@ -11,6 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evf.config import ConfigError
+from evf.io import encode_png
+from evf.manifest import ManifestError, resolve_url, scan_manifest
 from evf.pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, write_metadata
 from evf.pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from evf.pipelines.decode import DecodeSettings, decode_batch
@@ -27,12 +33,6 @@ from evf.pipelines.read import (
     task_ranges,
 )
 from evf.pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from evf.config import ConfigError
-from evf.io import encode_png
-from evf.manifest import ManifestError, resolve_url, scan_manifest
 from evf.predictor import describe_checkpoint
 from evf.storage import Storage
 

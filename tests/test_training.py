@@ -10,14 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from evf.training import TrainConfig, build_tokenizer, train
-from evf.training.config import DataSpec
-from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
-from evf.training.dense_head import COLOUR_NAMES, SIZE_NAMES, DenseHead, cell_labels, label_maps
-from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
-from evf.training.location_head import GRID, LocationHead
-from evf.training.tokenizer import tokenizer_files
-from evf.training.trainer import CHECKPOINT_PREFIX, LOG_FILE, STATE_FILE, Trainer, lr_factor, make_source
 
 from evf.config import ConfigError
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
@@ -26,6 +18,14 @@ from evf.model.evf_sam2 import ImageEmbeddings
 from evf.predictor import EvfSam2Predictor, Prompt
 from evf.synthetic import ARTICLE, SHAPES, SPATIAL, generate_scene, vocabulary_corpus, write_dataset
 from evf.tokenizer import UNK_ID, EvfTokenizer
+from evf.training import TrainConfig, build_tokenizer, train
+from evf.training.config import DataSpec
+from evf.training.data import ManifestImages, StepBatches, SyntheticScenes, phrase_mask, scene_targets
+from evf.training.dense_head import COLOUR_NAMES, SIZE_NAMES, DenseHead, cell_labels, label_maps
+from evf.training.init import AttentionWeights, beit3_attention, hiera_attention
+from evf.training.location_head import GRID, LocationHead
+from evf.training.tokenizer import tokenizer_files
+from evf.training.trainer import CHECKPOINT_PREFIX, LOG_FILE, STATE_FILE, Trainer, lr_factor, make_source
 
 FIXTURE_CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 REPO = Path(__file__).resolve().parent.parent

@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from evf.training.dense_head import cell_labels, label_maps
-from evf.training.losses import cell_coverage
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from evf.synthetic import ARTICLE, PLURALS, Scene, generate_scene, referring_candidates, vocabulary_corpus
+from evf.training.dense_head import cell_labels, label_maps
+from evf.training.losses import cell_coverage
 from evf.transforms import Preprocessor
 
 log = logging.getLogger(__name__)

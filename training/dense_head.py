@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from evf.training.losses import cell_coverage
 from torch import Tensor, nn
 
 from evf.model.evf_sam2 import ImageEmbeddings
 from evf.synthetic import COLOURS, SHAPES, SIZES, Scene
+from evf.training.losses import cell_coverage
 
 # Label 0 is the background in every map; the loss ignores it (the question is which shape,
 # colour and size an object has, not where objects are: the mask loss teaches that).

@@ -15,8 +15,9 @@ and never enters a checkpoint's ``model.safetensors``.
 from __future__ import annotations
 
 import torch
-from evf.training.losses import cell_coverage
 from torch import Tensor, nn
+
+from evf.training.losses import cell_coverage
 
 GRID = 8
 """Cells per side of the location map (the demo model's BEiT-3 sees 7 x 7 patches)."""

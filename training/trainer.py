@@ -28,6 +28,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from evf.config import Overrides
+from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from evf.model.config import EvfSam2Config, resolve_mode
+from evf.model.evf_sam2 import EvfSam2Model
+from evf.tokenizer import SPM_FILE, EvfTokenizer
 from evf.training.config import DataSpec, Part, TrainConfig, fill_model_defaults
 from evf.training.data import (
     ImageSource,
@@ -48,15 +57,6 @@ from evf.training.init import (
 from evf.training.location_head import LocationHead
 from evf.training.losses import mask_losses
 from evf.training.tokenizer import build_tokenizer, embedding_rows
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from evf.config import Overrides
-from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from evf.model.config import EvfSam2Config, resolve_mode
-from evf.model.evf_sam2 import EvfSam2Model
-from evf.tokenizer import SPM_FILE, EvfTokenizer
 from evf.transforms import Preprocessor, normalize_sam
 
 log = logging.getLogger(__name__)
