@@ -5,8 +5,9 @@ VENV ?= .venv
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 
 .PHONY: setup demo test lint bench
+# One line per step; pip's output goes to $(VENV)/setup.log (printed in part when a step fails).
 setup:
-	@bash scripts/setup-env.sh
+	@EVF_VENV=$(VENV) bash scripts/setup-env.sh
 
 demo: setup
 	$(VENV)/bin/evf run configs/local.yaml
