@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from evf.model.checkpoint import CheckpointError, check_weights
+from evf.checkpoints import CheckpointError, check_weights
 
 TARGET_S = 1.0
 TENSORS = 1500

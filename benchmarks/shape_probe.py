@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evf.model.checkpoint import DEMO_MODEL_DIR
+from evf.checkpoints import DEMO_MODEL_DIR
 from evf.model.config import EvfSam2Config
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.synthetic import SHAPES, generate_scene

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evf.checkpoints import CheckpointError, CheckpointLayout, resolve_checkpoint
 from evf.errors import UserError
-from evf.model.checkpoint import CheckpointError, CheckpointLayout, resolve_checkpoint
 
 DEFAULT_BOX_THRESHOLD = 0.35
 DEFAULT_TEXT_THRESHOLD = 0.25

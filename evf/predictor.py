@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evf.checkpoints import DEMO_MODEL_ID, check_weights, resolve_checkpoint
 from evf.errors import DeviceError
 from evf.io import ImageLike, as_rgb_array
-from evf.model.checkpoint import DEMO_MODEL_ID, check_weights, load_model, resolve_checkpoint
+from evf.model.checkpoint import load_model
 from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
 from evf.model.hardware import compile_encoders, resolve_dtype

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from evf.checkpoints import DEMO_MODEL_WARNING
 from evf.grounding import DetectorImage, GroundingDetector, MissingDetectorError
 from evf.io import ImageLike, as_rgb_array
-from evf.model.checkpoint import DEMO_MODEL_WARNING
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
 from evf.predictor import EmbeddedImages, EvfSam2Predictor, PreparedImage, Prompt
 from evf.request import SegmentRequest, parse_request

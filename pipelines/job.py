@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from evf.checkpoints import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
-from evf.model.checkpoint import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.parquet import read_parquet
 from evf.pipelines.commit import JobOutput, OutputLayout, clear_outputs
 from evf.pipelines.compact import AUTO_COMPACT_FILES, compact

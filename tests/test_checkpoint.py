@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from evf import EvfSam2Predictor
-from evf.model.checkpoint import CheckpointError, load_state_dict, resolve_checkpoint, save_checkpoint
+from evf.checkpoints import CheckpointError, resolve_checkpoint
+from evf.model.checkpoint import load_state_dict, save_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evf-sam2-tiny"
 CHECKPOINT = FIXTURE / "checkpoint"
@@ -61,7 +62,7 @@ def test_concurrent_processes_share_one_download(s3_bucket, s3_server, tmp_path)
     uri, _ = upload_checkpoint(s3_bucket)
     env = {**os.environ, **s3_server.env}
     code = (
-        "import sys; from evf.model.checkpoint import resolve_checkpoint; "
+        "import sys; from evf.checkpoints import resolve_checkpoint; "
         "print(resolve_checkpoint(sys.argv[1], None, sys.argv[2]))"
     )
     procs = [

@@ -16,8 +16,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from evf.checkpoints import CheckpointError, resolve_checkpoint
 from evf.io import ImageWriteError, write_bytes
-from evf.model.checkpoint import CheckpointError, resolve_checkpoint
 
 CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 

@@ -19,6 +19,7 @@ import torch
 from conftest import GROUNDING_NUM_QUERIES, rle_to_mask
 
 from evf import EvfSam2Predictor
+from evf.checkpoints import CheckpointError
 from evf.grounding import (
     GROUNDING_LAYOUT,
     DetectorImage,
@@ -26,7 +27,6 @@ from evf.grounding import (
     MissingDetectorError,
     normalize_caption,
 )
-from evf.model.checkpoint import CheckpointError
 from evf.postprocess import postprocess
 from evf.request import parse_request
 from evf.segment import RawMasks, finish, infer_masks, load_detector, segment

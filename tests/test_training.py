@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
+from evf.checkpoints import DEMO_MODEL_DIR
 from evf.config import ConfigError
 from evf.metrics import evaluate_synthetic, iou_of, mask_counts
-from evf.model.checkpoint import DEMO_MODEL_DIR
 from evf.model.evf_sam2 import ImageEmbeddings
 from evf.predictor import EvfSam2Predictor, Prompt
 from evf.synthetic import ARTICLE, SHAPES, SPATIAL, generate_scene, vocabulary_corpus, write_dataset

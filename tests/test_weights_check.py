@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from evf import EvfSam2Predictor
-from evf.model.checkpoint import CheckpointError, check_weights, load_state_dict, resolve_checkpoint
+from evf.checkpoints import CheckpointError, check_weights, resolve_checkpoint
+from evf.model.checkpoint import load_state_dict
 
 CHECKPOINT = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
 WEIGHTS_SIZE = (CHECKPOINT / "model.safetensors").stat().st_size

@@ -32,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from evf.checkpoints import resolve_checkpoint
 from evf.config import Overrides
-from evf.model.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from evf.model.checkpoint import load_model, save_checkpoint
 from evf.model.config import EvfSam2Config, resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model
 from evf.tokenizer import SPM_FILE, EvfTokenizer

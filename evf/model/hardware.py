@@ -82,7 +82,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
 def compile_cache_dir() -> Path:
     """Where inductor keeps compiled graphs and kernels: ``$EVF_CACHE_DIR/inductor`` (or
     ``~/.cache/evf-sam/inductor``), unless ``TORCHINDUCTOR_CACHE_DIR`` is set."""
-    from evf.model.checkpoint import default_cache_dir  # the evf cache root lives there
+    from evf.checkpoints import default_cache_dir  # the evf cache root lives there
 
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir().parent / "inductor")
 
