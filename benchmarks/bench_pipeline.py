@@ -5,7 +5,7 @@ Targets (issue 4), on the project's 2-core machine:
 - memory: peak memory of the job for 2,000 rows within 15% of the peak for 200 rows.
 
 The bare loop is what one would write without Ray, doing the same work per row in one process:
-read + decode each image once per batch, ``infer_masks`` per batch of images, ``finish``, PNG
+read + decode each image once per batch, ``InferenceEngine.infer`` per batch of images, ``finish``, PNG
 encode, write the mask, and one metadata Parquet at the end. Its torch uses all cores.
 
 The job's time is ``run_job``'s wall time (manifest scan, model probe, actor start and model load,
@@ -142,14 +142,15 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
     """Same work as the job, sequential in this process; returns seconds (model load included)."""
     import torch
 
+    from evf.engine import InferenceEngine
     from evf.io import encode_png, load_image, write_bytes
-    from evf.predictor import EvfSam2Predictor
     from evf.request import parse_request
-    from evf.segment import finish, infer_masks
+    from evf.segment import finish
+    from evf.settings import ModelSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    predictor = EvfSam2Predictor.from_pretrained(model, dtype="auto")  # as the job (inference.dtype: auto)
+    engine = InferenceEngine.load(ModelSettings(model=model, device="cpu"))  # dtype auto, as the job
     rows = pq.read_table(manifest).to_pylist()
     metadata = []
     for begin in range(0, len(rows), rows_per_batch):
@@ -161,7 +162,7 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
         for chunk in range(0, len(urls), images_per_call):
             chunk_urls = urls[chunk : chunk + images_per_call]
             images = [load_image(url) for url in chunk_urls]
-            prepared = [predictor.prepare_image(image) for image in images]
+            prepared = [engine.prepare(image) for image in images]
             items, owners = [], []
             for index, url in enumerate(chunk_urls):
                 for row in groups[url]:
@@ -171,7 +172,7 @@ def bare_loop(manifest: str, model: str, output: Path, rows_per_batch: int, imag
                     items.append((index, request))
                     owners.append((row, images[index]))
             for (row, image), (_, request), raw in zip(
-                owners, items, infer_masks(predictor, prepared, items), strict=True
+                owners, items, engine.infer(prepared, items), strict=True
             ):
                 result = finish(request, raw, image)
                 path = output / "masks" / f"{row['id']}.png"

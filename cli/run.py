@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from evf.cli import CommandFailed, add_overrides_argument
+from evf.settings import ModelOptions
 
 EXIT_RETRYABLE = 3
 """``evf run``'s exit status when rows are left as retryable errors."""
@@ -52,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", type=int, help="model actors (inference.actors)")
     parser.add_argument("--num-gpus", type=float, help="GPUs per actor (inference.num_gpus; 0 = CPU)")
     parser.add_argument("--batch-size", type=int, help="images per model call (inference.batch_size)")
-    parser.add_argument("--device", help="auto | cpu | cuda (inference.device)")
+    parser.add_argument(
+        "--device", help=f"{ModelOptions.model_fields['device'].description} (inference.device)"
+    )
     parser.add_argument("--ray-address", help="existing Ray cluster: auto or ray://host:10001 (ray.address)")
     parser.add_argument("--grounding-model", help="GroundingDINO checkpoint for use_grounding_dino rows")
     add_overrides_argument(

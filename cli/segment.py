@@ -8,32 +8,32 @@ import time
 from typing import Any
 
 from evf.request import OPTION_DEFAULTS
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # as evf.model.hardware.DTYPE_NAMES
+from evf.settings import DTYPES, MODES, ModelSettings
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --device / --dtype / --mode, shared by the commands that load a predictor."""
-    parser.add_argument(
-        "--model",
-        default="evf-sam2-demo",
-        help="checkpoint: a folder, an fsspec URI (s3://bucket/evf-sam2/), a Hub id "
-        "(YxZhang/evf-sam2-multitask) or evf-sam2-demo (the shipped synthetic-shapes model; default)",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPES,
-        help="compute dtype; auto: bfloat16 where the CPU/GPU runs it natively (AMX, AVX-512-BF16, "
-        "CUDA sm80+), else float32 (default: auto)",
-    )
-    parser.add_argument(
-        "--mode",
-        default=None,
-        choices=("multitask", "legacy"),
-        help="inference path (default: from the checkpoint)",
-    )
+    """--model / --device / --dtype / --mode: the library's ``ModelSettings``, with its defaults."""
+    fields = ModelSettings.model_fields
+
+    def option(name: str, **kwargs: object) -> None:
+        default = fields[name].default
+        described = fields[name].description
+        parser.add_argument(f"--{name}", default=default, help=f"{described} (default: {default})", **kwargs)
+
+    option("model")
+    option("device")
+    option("dtype", choices=DTYPES)
+    option("mode", choices=MODES)
+
+
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    """The flags' ``ModelSettings`` (invalid values: a ``ConfigError`` naming the flag's field)."""
+    from evf.config import ConfigError
+
+    try:
+        return ModelSettings(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,35 +77,22 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
-def load_predictor(args: argparse.Namespace) -> Any:
-    from evf.predictor import EvfSam2Predictor
-
-    return EvfSam2Predictor.from_pretrained(args.model, device=args.device, dtype=args.dtype, mode=args.mode)
-
-
 def command(args: argparse.Namespace) -> int:
+    from evf.engine import InferenceEngine
     from evf.io import encode_png, write_bytes
     from evf.request import parse_request
     from evf.segment import segment
 
     request = parse_request(request_from_args(args))
-    predictor = load_predictor(args)
+    engine = InferenceEngine.load(model_settings(args))
     start = time.perf_counter()
-    result = segment(None, request, predictor, detector=args.grounding_model)
+    result = segment(None, request, engine, detector=args.grounding_model)
     elapsed = time.perf_counter() - start
     write_bytes(args.output, encode_png(result.image))
-    summary = {
-        "output": args.output,
-        "score": round(result.score, 4),
-        "area": result.area,
-        "bbox": list(result.bbox),
-        "empty": result.empty,
-        "seconds": round(elapsed, 3),
-    }
-    if result.instances is not None:
-        summary["instances"] = len(result.instances)
     if args.json:
-        print(json.dumps(summary))
+        record = result.record()
+        record["instances"] = None if result.instances is None else len(result.instances)
+        print(json.dumps({"output": args.output, **record, "seconds": round(elapsed, 3)}))
     else:
         x, y, w, h = result.bbox
         print(

@@ -6,10 +6,11 @@ not pay for torch and sam2: the model is imported on first use of a name that ne
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from evf.lazy import lazy_exports
 
 # exported name -> module defining it
 _EXPORTS = {
@@ -19,23 +20,18 @@ _EXPORTS = {
     "InvalidRequestError": "evf.request",
     "SegmentRequest": "evf.request",
     "parse_request": "evf.request",
-    "SegmentResult": "evf.segment",
+    "SegmentResult": "evf.result",
     "segment": "evf.segment",
+    "InferenceEngine": "evf.engine",
+    "ModelSettings": "evf.settings",
+    "ModelFamily": "evf.registry",
+    "register_family": "evf.registry",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'evf' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

@@ -6,7 +6,11 @@ it as ``evf <command>: <message>`` and exits with status 2, without a traceback.
 
 from __future__ import annotations
 
-__all__ = ["DeviceError", "UserError"]
+import re
+
+__all__ = ["DeviceError", "UserError", "error_kind", "error_text"]
+
+_EXCEPTION_NAME = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Warning|Exit)")
 
 
 class UserError(Exception):
@@ -15,3 +19,21 @@ class UserError(Exception):
 
 class DeviceError(UserError, RuntimeError):
     """The requested device does not exist here (e.g. ``cuda`` on a machine without a GPU)."""
+
+
+def error_text(error: BaseException, where: str) -> str:
+    """A request's error message: ``"<where>: <ExceptionType>: <message>"`` (the type only when the
+    message does not already name it). The job's error rows and a server's error responses use it."""
+    text = str(error) or type(error).__name__
+    if not isinstance(error, OSError | ValueError) or type(error).__name__ not in text:
+        text = f"{type(error).__name__}: {text}" if str(error) else type(error).__name__
+    return f"{where}: {text}"
+
+
+def error_kind(message: str) -> str:
+    """The kind of an error text: its first ``": "``-separated part, plus the exception name when
+    one follows (``"image read failed: ImageReadError: ..."`` -> ``"image read failed: ImageReadError"``)."""
+    parts = message.split(": ")
+    if len(parts) > 1 and _EXCEPTION_NAME.fullmatch(parts[1]):
+        return f"{parts[0]}: {parts[1]}"
+    return parts[0].strip()[:120]

@@ -18,6 +18,7 @@ pickled. ``transformers`` is imported only there (it is the ``grounding`` extra)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +61,15 @@ GROUNDING_LAYOUT = CheckpointLayout(
 )
 
 
+MISSING_DETECTOR = (
+    "use_grounding_dino=true needs a GroundingDINO model: a folder, an fsspec URI or a Hub id such as "
+    "IDEA-Research/grounding-dino-tiny (grounding.model in a job config, --grounding-model on the "
+    "command line, detector= in evf.segment)"
+)
+
+
 class MissingDetectorError(UserError, ValueError):
-    """A request asks for GroundingDINO but no detector was given."""
+    """A request asks for GroundingDINO but no detector was given (message: ``MISSING_DETECTOR``)."""
 
 
 @dataclass
@@ -299,3 +307,49 @@ class GroundingDetector:
                 labels.append(phrase.replace(" .", "").strip(" ."))
             result.append(Detections(xyxy.numpy().astype(np.float32), scores[row, keep].numpy(), labels))
         return result
+
+
+@dataclass
+class Grounding:
+    """A detector and its input for each image of a batch (the original HxWx3 uint8 array, or a
+    ``DetectorImage`` prepared on a CPU worker; None for images that no grounding request names)."""
+
+    detector: GroundingDetector
+    images: Sequence[np.ndarray | DetectorImage | None]
+
+    def detect(self, queries: Sequence[tuple[int, str]], image_count: int) -> list[Detections]:
+        """``GroundingDetector.detect`` over ``(image index, text)`` queries of a batch of images."""
+        if len(self.images) != image_count:
+            raise ValueError(f"{image_count} images but {len(self.images)} detector images")
+        for image_index, _ in queries:
+            if not isinstance(self.images[image_index], np.ndarray | DetectorImage):
+                raise ValueError(
+                    f"image {image_index}: GroundingDINO needs the original array or a DetectorImage"
+                )
+        return self.detector.detect(self.images, queries)  # type: ignore[arg-type]
+
+
+_detectors: dict[tuple[Any, ...], GroundingDetector] = {}
+
+
+def load_detector(
+    name: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    *,
+    box_threshold: float = DEFAULT_BOX_THRESHOLD,
+    text_threshold: float = DEFAULT_TEXT_THRESHOLD,
+    storage_options: Mapping[str, Any] | None = None,
+) -> GroundingDetector:
+    """``GroundingDetector.from_pretrained``, loaded once per process for each checkpoint, device
+    and thresholds: the one detector cache (the engine and ``evf.segment`` both load through it)."""
+    options = json.dumps(dict(storage_options or {}), sort_keys=True, default=str)
+    key = (os.fspath(name), str(device), float(box_threshold), float(text_threshold), options)
+    if key not in _detectors:
+        _detectors[key] = GroundingDetector.from_pretrained(
+            name,
+            device,
+            box_threshold=box_threshold,
+            text_threshold=text_threshold,
+            storage_options=storage_options,
+        )
+    return _detectors[key]

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evf.checkpoints import DEMO_MODEL_ID, check_weights, resolve_checkpoint
+from evf.checkpoints import DEMO_MODEL_ID, resolve_checkpoint
 from evf.errors import DeviceError
 from evf.io import ImageLike, as_rgb_array
 from evf.model.checkpoint import load_model
-from evf.model.config import EvfSam2Config, resolve_mode
+from evf.model.config import resolve_mode
 from evf.model.evf_sam2 import EvfSam2Model, ImageEmbeddings
 from evf.model.hardware import compile_encoders, resolve_dtype
 from evf.tokenizer import EvfTokenizer
@@ -84,40 +84,6 @@ def check_device(device: torch.device | str) -> None:
         raise DeviceError(
             f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
         )
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What CPU workers need to know of a checkpoint, read without its weights (``describe_checkpoint``)."""
-
-    model_id: str
-    preprocessor: Preprocessor
-    supports_semantic: bool
-
-    @property
-    def mode(self) -> str:
-        return self.preprocessor.mode
-
-    @property
-    def is_demo_model(self) -> bool:
-        return self.model_id == DEMO_MODEL_ID
-
-
-def describe_checkpoint(
-    path_or_uri: str | Path = DEMO_MODEL_ID,
-    mode: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> CheckpointInfo:
-    """The preprocessing and tokenizer facts of a checkpoint from ``config.json`` and the tokenizer
-    files (the weights are checked, ``check_weights``, not read): what ``from_pretrained(path_or_uri,
-    mode=mode)`` uses. Raises ``CheckpointError`` for a missing, corrupt or unsafe checkpoint."""
-    folder = resolve_checkpoint(path_or_uri, storage_options)
-    check_weights(folder, name=str(path_or_uri))
-    config = EvfSam2Config.from_file(folder / "config.json")
-    tokenizer = EvfTokenizer.from_folder(folder)
-    chosen = resolve_mode(mode, config.inference_mode, tokenizer.supports_semantic)
-    preprocessor = Preprocessor(chosen, config.sam_image_size, config.beit3.img_size)
-    return CheckpointInfo(str(path_or_uri), preprocessor, tokenizer.supports_semantic)
 
 
 @dataclass
@@ -186,8 +152,12 @@ class EvfSam2Predictor:
         compile: bool = False,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
+        model_id: str | None = None,
     ) -> EvfSam2Predictor:
         """Load a checkpoint: a folder, an fsspec URI, a Hub id, or ``"evf-sam2-demo"``.
+
+        ``model_id``: the name to report (default ``path_or_uri``), when a caller passes the
+        folder it already resolved.
 
         ``dtype``: a ``torch.dtype``, a name (``"bfloat16"``) or ``"auto"`` (bfloat16 where the
         hardware runs it natively, float32 elsewhere; see ``evf.model.hardware``). The default
@@ -210,7 +180,7 @@ class EvfSam2Predictor:
             device=device,
             dtype=compute_dtype,
             autocast=autocast,
-            model_id=str(path_or_uri),
+            model_id=model_id or str(path_or_uri),
         )
         if compile:
             predictor.always_pad_mask = True

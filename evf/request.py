@@ -20,6 +20,7 @@ the value given and what is allowed, e.g.::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -38,6 +39,8 @@ __all__ = [
     "FieldError",
     "InvalidRequestError",
     "SegmentRequest",
+    "clean_value",
+    "merge_options",
     "parse_request",
 ]
 
@@ -131,6 +134,39 @@ OPTION_NAMES: tuple[str, ...] = tuple(n for n in FIELD_NAMES if n not in ("promp
 OPTION_DEFAULTS: dict[str, Any] = {n: SegmentRequest.model_fields[n].default for n in OPTION_NAMES}
 EXTENSION_OPTIONS: tuple[str, ...] = ("min_score", "min_area")
 """Options that fal-ai/evf-sam does not have; unset (None) they change nothing, not even a row's key."""
+
+_INT_OPTIONS = frozenset({"blur_mask", "expand_mask"})
+_OPTION_SET = frozenset(OPTION_NAMES)
+
+
+def clean_value(name: str, value: Any) -> Any:
+    """Arrow/pandas/JSON artefacts -> what the request model expects (NaN -> None, 3.0 -> 3 for ints,
+    numpy scalars -> Python values); anything else unchanged, for validation to judge."""
+    if isinstance(value, str):  # the usual case, first: millions of rows pass here on a resume
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if name in _INT_OPTIONS and value.is_integer():
+            return int(value)
+    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            return value
+    return value
+
+
+def merge_options(given: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    """The options of a request over ``defaults`` (a job's, a server's): an option that ``given``
+    leaves out or sets to null takes the default. Returns ``(options, whether given set any)``;
+    without any, ``defaults`` itself is returned (shared, not copied: do not change it)."""
+    own = {}
+    for name in _OPTION_SET.intersection(given):
+        if (value := clean_value(name, given[name])) is not None:
+            own[name] = value
+    return ({**defaults, **own}, True) if own else (defaults, False)
+
 
 _BOOL_RULE = "must be a boolean (true/false)"
 _RULES: dict[str, str] = {

@@ -15,6 +15,7 @@ so a batch crosses to the accelerator as uint8.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,16 @@ class PreparedImage:
     sam_pixels: Tensor
     beit3_pixels: Tensor
     size: tuple[int, int]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The inputs as named numpy arrays (``evf.registry.PreparedInputs``)."""
+        return {"sam": self.sam_pixels.numpy(), "beit3": self.beit3_pixels.numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], size: tuple[int, int]) -> PreparedImage:
+        """Rebuild from ``arrays()`` (the arrays may be read-only views: they are copied)."""
+        sam, beit3 = (torch.from_numpy(np.array(arrays[name])) for name in ("sam", "beit3"))
+        return cls(sam, beit3, size)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ imported lazily so that ``evf run --help`` does not pay for torch and Ray.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from evf.lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "evf.pipelines.config",
@@ -23,7 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'evf.pipelines' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

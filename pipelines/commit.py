@@ -32,23 +32,20 @@ import pyarrow.parquet as pq
 from evf.io import ImageWriteError, write_bytes
 from evf.pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 from evf.request import OPTION_NAMES
+from evf.result import SegmentResult
 from evf.retry import RetryPolicy
-from evf.segment import SegmentResult
 from evf.storage import Storage, display_url, join_uri, open_filesystem
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "METADATA_SCHEMA",
-    "STATUSES",
     "JobOutput",
     "OutputLayout",
     "clear_outputs",
     "metadata_table",
     "write_metadata",
 ]
-
-STATUSES = ("ok", "empty", "error")
 
 METADATA_SCHEMA = pa.schema(
     [
@@ -153,21 +150,15 @@ class JobOutput:
         ``retryable`` when the cause was transient (a re-run retries it)."""
         return self._row(row, "error", error, retryable)
 
-    def result_row(self, row: JobRow, result: SegmentResult, width: int, height: int) -> dict[str, Any]:
-        """The metadata row of a finished row (``ok``, or ``empty`` when the final mask is empty)."""
+    def result_row(self, row: JobRow, result: SegmentResult) -> dict[str, Any]:
+        """The metadata row of a finished row: the result's record (``evf.result``) and the job's
+        columns. ``instances`` are the model stage's (encoded there, once)."""
+        record = result.record()
         return {
-            **self._row(row, "empty" if result.empty else "ok", None),
+            **self._row(row, record.pop("status"), None),
+            **record,
             "mask_url": self.layout.mask_uri(row.key),
-            "width": width,
-            "height": height,
-            "area": int(result.area),
-            "bbox": [int(v) for v in result.bbox],
-            "score": float(result.score),
-            "presence_logit": result.presence_logit,
-            "reason": result.reason,
-            "rle": result.rle,
-            # GroundingDINO rows: the boxes and their masks (RLE) as the model stage encoded them.
-            "instances": row.instances if row.request.use_grounding_dino else None,
+            "instances": row.instances,
         }
 
     def invalid_row(

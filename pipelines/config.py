@@ -29,6 +29,7 @@ from evf.config import (
 from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
 from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from evf.settings import ModelOptions
 from evf.storage import Storage, display_url, redact
 
 __all__ = [
@@ -89,8 +90,10 @@ class ActorRange(StrictModel):
         return self
 
 
-class InferenceConfig(StrictModel):
-    """The model stage: an actor pool, each actor loads the model once."""
+class InferenceConfig(ModelOptions):
+    """The model stage: an actor pool, each actor loads the model once. ``device``, ``dtype``,
+    ``mode`` and ``compile`` are the library's ``evf.settings.ModelOptions`` (in a job, ``auto``
+    is cuda when ``num_gpus`` > 0)."""
 
     actors: Annotated[int, Field(ge=1)] | ActorRange = Field(
         default=1, description="Model actors (one model copy each): a number, or {min, max} to autoscale."
@@ -102,27 +105,11 @@ class InferenceConfig(StrictModel):
     batch_size: int = Field(
         default=8, ge=1, description="Images per model call (each with all of its prompts in the batch)."
     )
-    device: str = Field(
-        default="auto", description="'auto' (cuda when num_gpus > 0, else cpu), 'cpu', 'cuda'."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description="Compute dtype. auto: bfloat16 where the device runs it natively (CPU with AMX or "
-        "AVX-512-BF16, CUDA compute capability 8.0+), float32 elsewhere; logged at start-up.",
-    )
-    mode: Literal["multitask", "legacy"] | None = Field(
-        default=None, description="Inference path; null follows the checkpoint."
-    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
         description="torch intra-op threads per actor. null: on CPU, the machine's cores shared among "
         "the actors (at least 1); on GPU, the actor's CPU reservation rounded up.",
-    )
-    compile: bool = Field(
-        default=False,
-        description="torch.compile the encoders (CPU inductor or CUDA) at load, graphs cached on disk: "
-        "worth it on GPUs for long jobs; on a small CPU the compile costs more than it saves.",
     )
     max_tasks_in_flight: int = Field(
         default=2, ge=1, description="Batches queued per actor (more hides latency, costs memory)."
@@ -261,8 +248,6 @@ class JobConfig(StrictModel):
     @model_validator(mode="after")
     def _device_matches_gpus(self) -> JobConfig:
         device = self.inference.device
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise ValueError(f"inference.device={device!r}: allowed: auto, cpu, cuda, cuda:N")
         if device.startswith("cuda") and self.inference.num_gpus == 0:
             raise ValueError("inference.device=cuda needs inference.num_gpus > 0 (a GPU reserved per actor)")
         return self
@@ -273,6 +258,11 @@ class JobConfig(StrictModel):
         if self.inference.device == "auto":
             return "cuda" if self.inference.num_gpus > 0 else "cpu"
         return self.inference.device
+
+    def model_options(self) -> ModelOptions:
+        """What every model actor runs with (``device`` resolved for the actors' reservations)."""
+        fields = ModelOptions.model_fields
+        return ModelOptions(**{**self.inference.model_dump(include=set(fields)), "device": self.device})
 
     def torch_threads(self, node_cpus: float | None = None) -> int:
         """Threads each actor gives torch (see ``InferenceConfig.torch_threads``)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from evf.engine import GroundingSettings
 from evf.manifest import Manifest
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.config import JobConfig
@@ -16,7 +17,7 @@ from evf.pipelines.decode import DecodeSettings, decode_batch
 from evf.pipelines.finish import FinishSettings, finish_batch
 from evf.pipelines.infer import InferenceSettings, InferenceStage
 from evf.pipelines.read import ReadSettings, grounding_id, make_datasource, task_ranges
-from evf.predictor import CheckpointInfo
+from evf.registry import CheckpointInfo
 
 __all__ = ["build_dataset", "data_context", "describe_reservations"]
 
@@ -82,17 +83,17 @@ def _inference_settings(
     import ray
 
     node_cpus = ray.cluster_resources().get("CPU") if not config.ray.address else None
+    grounding = config.grounding
     return InferenceSettings(
-        model=config.model,
+        checkpoint=checkpoint,
         storage=output.storage,
-        device=config.device,
-        dtype=config.inference.dtype,
-        mode=checkpoint.mode,
         torch_threads=config.torch_threads(node_cpus),
-        compile=config.inference.compile,
-        grounding_model=config.grounding.model,
-        box_threshold=config.grounding.box_threshold,
-        text_threshold=config.grounding.text_threshold,
+        grounding=GroundingSettings(
+            grounding.model,
+            grounding.box_threshold,
+            grounding.text_threshold,
+            output.storage.options(grounding.model or ""),
+        ),
         counters=output.counters,
     )
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
+from evf.errors import error_text
 from evf.io import decode_image, read_bytes
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ImageUnit, JobRow, rows_from_table, units_table
-from evf.pipelines.workers import error_text, map_threads, release_memory
+from evf.pipelines.workers import map_threads, release_memory
 from evf.retry import is_retryable
-from evf.transforms import Preprocessor
 
 __all__ = ["DecodeSettings", "decode_batch"]
 
@@ -25,7 +26,7 @@ __all__ = ["DecodeSettings", "decode_batch"]
 @dataclass(frozen=True)
 class DecodeSettings:
     output: JobOutput
-    preprocessor: Preprocessor
+    preprocessor: Any  # the model family's (``evf.registry.FamilyInfo.preprocessor``)
     io_threads: int = 8
 
 

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from evf.errors import error_text
 from evf.io import encode_png, write_bytes
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ImageUnit, JobRow, units_from_table
-from evf.pipelines.workers import error_text, map_threads, release_memory
+from evf.pipelines.workers import map_threads, release_memory
+from evf.result import RawMasks
 from evf.retry import is_retryable
-from evf.segment import RawMasks, finish
+from evf.segment import finish
 
 __all__ = ["FINISHED_SCHEMA", "FinishSettings", "finish_batch"]
 
@@ -60,7 +62,7 @@ def _finish_row(
         return _Finished(row, output.error_row(row, error_text(error, "post-processing failed")))
     finally:
         row.elapsed_ms += (time.perf_counter() - t0) * 1000
-    return _Finished(row, output.result_row(row, result, unit.width, unit.height), png)
+    return _Finished(row, output.result_row(row, result), png)
 
 
 def finish_batch(table: pa.Table, *, settings: FinishSettings) -> pa.Table:

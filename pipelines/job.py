@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from evf.pipelines.native_stderr import filtered_native_stderr
 from evf.pipelines.progress import JobProgress, start_counters
 from evf.pipelines.read import CommittedIndex
 from evf.pipelines.summary import JobSummary, RunRecord, summarize_run
-from evf.predictor import CheckpointInfo, describe_checkpoint
+from evf.registry import CheckpointInfo, describe_checkpoint
 from evf.retry import call_with_retry
 from evf.storage import Storage, display_url, open_filesystem
 
@@ -135,12 +135,12 @@ def _describe_checkpoint(config: JobConfig, storage: Storage) -> CheckpointInfo:
     before Ray starts, so that a corrupt or unsafe checkpoint fails in seconds."""
     options = storage.options(config.model)
     if not config.ray.address:
-        return describe_checkpoint(config.model, config.inference.mode, options)  # CheckpointError: exit 2
+        return describe_checkpoint(config.model, config.model_options(), options)  # CheckpointError: exit 2
     import ray
 
     try:
         task = ray.remote(num_cpus=min(0.25, config.cpu.num_cpus))(describe_checkpoint)
-        return ray.get(task.remote(config.model, config.inference.mode, options))
+        return ray.get(task.remote(config.model, config.model_options(), options))
     except Exception as error:
         raise JobError(f"cannot load model {display_url(config.model)!r}: {_cause(error)}") from None
 
@@ -200,13 +200,9 @@ def _run_pipeline(
 
     record.reservations["cluster"] = _check_resources(config)
     checkpoint = checkpoint or _describe_checkpoint(config, output.storage)
-    record.model = {**asdict(checkpoint.preprocessor), "model_id": checkpoint.model_id}
-    log.info(
-        "Model %s: mode %s, SAM input %d px",
-        display_url(config.model),
-        checkpoint.mode,
-        checkpoint.preprocessor.sam_size,
-    )
+    record.model = checkpoint.facts()
+    facts = ", ".join(f"{name} {value}" for name, value in checkpoint.facts().items() if name != "model_id")
+    log.info("Model %s: %s", display_url(config.model), facts)
     warn_if_semantic_unsupported(config, manifest, checkpoint, output.storage)
     committed_ref = ray.put(plan.index) if plan.index is not None else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())

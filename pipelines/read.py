@@ -22,7 +22,6 @@ import functools
 import gc
 import hashlib
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +33,15 @@ import pyarrow as pa
 from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
-from evf.request import EXTENSION_OPTIONS, OPTION_DEFAULTS, OPTION_NAMES, InvalidRequestError, parse_request
+from evf.request import (
+    EXTENSION_OPTIONS,
+    OPTION_DEFAULTS,
+    OPTION_NAMES,
+    InvalidRequestError,
+    clean_value,
+    merge_options,
+    parse_request,
+)
 
 __all__ = [
     "READ_COLUMNS",
@@ -48,8 +55,6 @@ __all__ = [
 ]
 
 READ_COLUMNS = (ID_COLUMN, *REQUIRED_COLUMNS, *OPTION_NAMES)
-_INT_OPTIONS = frozenset({"blur_mask", "expand_mask"})
-_OPTION_SET = frozenset(OPTION_NAMES)
 _KEY_JSON = json.JSONEncoder(sort_keys=True, default=repr, ensure_ascii=False)
 # Rows per read task over committed rows only: such a task only keys its rows (a few us each) to
 # tell stale ones, so few large tasks beat many small ones.
@@ -107,23 +112,6 @@ class KeyOptions(NamedTuple):
         return cls(options, _options_json(options))
 
 
-def _clean(name: str, value: Any) -> Any:
-    """Arrow/pandas artefacts -> what the request model expects (NaN -> None, 3.0 -> 3 for ints)."""
-    if isinstance(value, str):  # the usual case, first: millions of rows pass here on a resume
-        return value
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if name in _INT_OPTIONS and value.is_integer():
-            return int(value)
-    if hasattr(value, "item") and not isinstance(value, str | bytes):  # numpy scalars
-        try:
-            return value.item()
-        except (TypeError, ValueError):
-            return value
-    return value
-
-
 @dataclass(frozen=True)
 class InvalidRow:
     """A manifest row whose request did not validate: what its ``error`` metadata row records."""
@@ -151,14 +139,10 @@ class RowFields(NamedTuple):
 def row_fields(raw: Mapping[str, Any], file: ManifestFile, defaults: Mapping[str, Any]) -> RowFields:
     """The id and cleaned values of a manifest row; per-row options over the job's ``defaults``."""
     index = int(raw["_row"])
-    own = {}
-    for name in _OPTION_SET.intersection(raw):
-        if (value := _clean(name, raw[name])) is not None:
-            own[name] = value
-    options = {**defaults, **own} if own else defaults  # shared: read, never changed
+    options, own = merge_options(raw, defaults)  # shared defaults when own is False: never changed
     rid = row_id(raw.get(ID_COLUMN), file.name, index)
-    url, prompt = _clean("image_url", raw.get("image_url")), _clean("prompt", raw.get("prompt"))
-    return RowFields(index, rid, url, prompt, options, bool(own))
+    url, prompt = clean_value("image_url", raw.get("image_url")), clean_value("prompt", raw.get("prompt"))
+    return RowFields(index, rid, url, prompt, options, own)
 
 
 def likely_key(

@@ -34,10 +34,10 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from evf.errors import error_kind
 from evf.io import load_image, load_mask, write_bytes
 from evf.overlay import outline, paint_mask
 from evf.pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
-from evf.pipelines.workers import error_kind
 from evf.postprocess import decode_rle
 from evf.storage import join_uri
 

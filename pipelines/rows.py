@@ -3,9 +3,9 @@
 - :class:`JobRow`: one manifest row to compute, validated once at the read stage (its request is a
   ``SegmentRequest`` rebuilt downstream without re-validation). The model stage fills in its
   outcome (``score``, mask indices, ``instances`` or ``error``).
-- :class:`ImageUnit`: one distinct image of a decode batch with every row that names it: the
-  model inputs (uint8 SAM 2 pixels, float32 BEiT-3 pixels), the original pixels when a row needs
-  them, and after the model stage the masks (packed bits, ``mask_count`` x H x W).
+- :class:`ImageUnit`: one distinct image of a decode batch with every row that names it: the model
+  family's prepared inputs (named arrays, ``evf.registry.PreparedInputs``), the original pixels
+  when a row needs them, and after the model stage the masks (packed bits, ``mask_count`` x H x W).
 
 Between the read and decode stages a table has one row per ``JobRow`` (``ROW_SCHEMA``); between
 decode, model and finish one row per ``ImageUnit`` (``UNIT_SCHEMA``, rows as a list of structs).
@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
+from evf.registry import ModelFamily, PreparedInputs
 from evf.request import OPTION_NAMES, SegmentRequest
-from evf.transforms import PreparedImage
 
 __all__ = [
     "INSTANCE_TYPE",
@@ -62,9 +61,19 @@ INSTANCE_TYPE = pa.struct(
         ("rle", RLE_TYPE),
     ]
 )
-"""One GroundingDINO box of a row (``evf.segment.Instance.to_dict``): ``box`` ``[x, y, w, h]``
-float pixels, GroundingDINO's score, SAM 2's predicted IoU, the matched prompt words, and the COCO
-RLE of that box's own mask (before post-processing and negative subtraction)."""
+"""One object of a row (``evf.result.Instance.to_dict``): ``box`` ``[x, y, w, h]`` float pixels, the
+detector's score, the mask's predicted IoU, the matched prompt words, and the COCO RLE of that
+object's own mask (before post-processing and negative subtraction)."""
+
+ARRAY_TYPE = pa.struct(
+    [
+        ("name", pa.string()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("data", pa.large_binary()),
+    ]
+)
+"""One named array of a family's prepared inputs (C order)."""
 
 _ROW_FIELDS = [
     ("id", pa.string()),
@@ -90,10 +99,7 @@ UNIT_SCHEMA = pa.schema(
         ("image_url", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("sam", pa.large_binary()),  # PreparedImage.sam_pixels, uint8 (3, h, w)
-        ("sam_shape", pa.list_(pa.int32(), 3)),
-        ("beit3", pa.large_binary()),  # PreparedImage.beit3_pixels, float32 (3, s, s)
-        ("beit3_shape", pa.list_(pa.int32(), 3)),
+        ("inputs", pa.list_(ARRAY_TYPE)),  # the family's prepared inputs (PreparedInputs.arrays())
         ("image", pa.large_binary()),  # HxWx3 uint8, only when a row needs it (RGBA output, GroundingDINO)
         ("masks", pa.large_binary()),  # after the model: packed bool (mask_count, H, W)
         ("mask_count", pa.int32()),
@@ -157,44 +163,45 @@ def rows_from_table(table: pa.Table) -> list[JobRow]:
 @dataclass
 class ImageUnit:
     """One image of a batch with its rows (see the module docstring). ``height``/``width`` are the
-    original size; ``sam``/``beit3`` are None once the model has used them."""
+    original size; ``inputs`` is None once the model has used them."""
 
     image_url: str
     width: int
     height: int
     rows: list[JobRow]
-    sam: bytes | None = None
-    sam_shape: list[int] | None = None
-    beit3: bytes | None = None
-    beit3_shape: list[int] | None = None
+    inputs: list[dict[str, Any]] | None = None
     image: bytes | None = None
     masks: bytes | None = None
     mask_count: int | None = None
 
     @classmethod
     def prepared(
-        cls, image_url: str, image: np.ndarray, prepared: PreparedImage, rows: list[JobRow]
+        cls, image_url: str, image: np.ndarray, prepared: PreparedInputs, rows: list[JobRow]
     ) -> ImageUnit:
-        """A unit from a decoded HxWx3 uint8 image and its model inputs."""
-        sam, beit3 = prepared.sam_pixels.numpy(), prepared.beit3_pixels.numpy()
+        """A unit from a decoded HxWx3 uint8 image and its family's prepared inputs."""
+        inputs = []
+        for name, array in prepared.arrays().items():
+            data = np.ascontiguousarray(array)
+            inputs.append(
+                {"name": name, "dtype": data.dtype.str, "shape": list(data.shape), "data": data.tobytes()}
+            )
         return cls(
             image_url=image_url,
             width=int(image.shape[1]),
             height=int(image.shape[0]),
             rows=rows,
-            sam=sam.tobytes(),
-            sam_shape=list(sam.shape),
-            beit3=np.ascontiguousarray(beit3, dtype=np.float32).tobytes(),
-            beit3_shape=list(beit3.shape),
+            inputs=inputs,
             image=image.tobytes() if any(row.needs_image for row in rows) else None,
         )
 
-    def prepared_image(self) -> PreparedImage:
-        """The model inputs as the predictor takes them."""
-        assert self.sam is not None and self.beit3 is not None and self.sam_shape and self.beit3_shape
-        sam = np.frombuffer(self.sam, np.uint8).reshape(self.sam_shape).copy()
-        beit3 = np.frombuffer(self.beit3, np.float32).reshape(self.beit3_shape).copy()
-        return PreparedImage(torch.from_numpy(sam), torch.from_numpy(beit3), (self.height, self.width))
+    def prepared_inputs(self, family: type[ModelFamily]) -> PreparedInputs:
+        """The prepared inputs as ``family`` takes them (rebuilt from read-only views)."""
+        assert self.inputs is not None
+        arrays = {
+            array["name"]: np.frombuffer(array["data"], np.dtype(array["dtype"])).reshape(array["shape"])
+            for array in self.inputs
+        }
+        return family.prepared_from_arrays(arrays, (self.height, self.width))
 
     def image_array(self) -> np.ndarray | None:
         """The original HxWx3 uint8 pixels (read-only), when carried."""
@@ -204,7 +211,7 @@ class ImageUnit:
 
     def set_masks(self, masks: Sequence[np.ndarray]) -> None:
         """Store the model's bool (H, W) masks (packed bits) and drop the model inputs."""
-        self.sam = self.beit3 = None
+        self.inputs = None
         self.mask_count = len(masks)
         self.masks = (
             np.packbits(np.stack(masks).astype(bool, copy=False), axis=None).tobytes() if masks else None

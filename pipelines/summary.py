@@ -11,10 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from evf.errors import error_kind
 from evf.io import write_bytes
-from evf.pipelines.commit import STATUSES, OutputLayout
+from evf.pipelines.commit import OutputLayout
 from evf.pipelines.metadata import ACCOUNTING_COLUMNS, Committed, load_committed
-from evf.pipelines.workers import error_kind
+from evf.result import STATUSES
 from evf.storage import Storage, display_url
 
 log = logging.getLogger("evf.run")

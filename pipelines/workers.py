@@ -1,19 +1,17 @@
-"""What every stage's task or actor shares: threaded I/O with per-item errors, error text, memory."""
+"""What every stage's task or actor shares: threaded I/O with per-item errors, memory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 Item = TypeVar("Item")
-_EXCEPTION_NAME = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Warning|Exit)")
 
-__all__ = ["error_kind", "error_text", "map_threads", "release_memory"]
+__all__ = ["map_threads", "release_memory"]
 
 
 def map_threads(function: Callable[[Item], Any], items: Sequence[Item], threads: int) -> list[Any]:
@@ -30,24 +28,6 @@ def map_threads(function: Callable[[Item], Any], items: Sequence[Item], threads:
         return [safe(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
         return list(pool.map(safe, items))
-
-
-def error_text(error: BaseException, where: str) -> str:
-    """A row's error message: ``"<where>: <ExceptionType>: <message>"`` (the type only when the
-    message does not already name it)."""
-    text = str(error) or type(error).__name__
-    if not isinstance(error, OSError | ValueError) or type(error).__name__ not in text:
-        text = f"{type(error).__name__}: {text}" if str(error) else type(error).__name__
-    return f"{where}: {text}"
-
-
-def error_kind(message: str) -> str:
-    """The kind of an error text: its first ``": "``-separated part, plus the exception name when
-    one follows (``"image read failed: ImageReadError: ..."`` -> ``"image read failed: ImageReadError"``)."""
-    parts = message.split(": ")
-    if len(parts) > 1 and _EXCEPTION_NAME.fullmatch(parts[1]):
-        return f"{parts[0]}: {parts[1]}"
-    return parts[0].strip()[:120]
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,7 +13,8 @@ from PIL import Image
 
 from evf import EvfSam2Predictor
 from evf.model import hardware
-from evf.model.hardware import DTYPE_NAMES, resolve_dtype
+from evf.model.hardware import resolve_dtype
+from evf.settings import DTYPES as DTYPE_NAMES
 
 FIXTURE = Path(__file__).parent / "fixtures" / "evf-sam2-tiny"
 CPUINFO = Path("/proc/cpuinfo")
@@ -61,9 +62,14 @@ def test_from_pretrained_auto_runs_the_chosen_dtype_and_stays_close() -> None:
 
 
 def test_cli_and_job_config_offer_the_library_names() -> None:
-    from evf.cli.segment import DTYPES
+    import argparse
+
+    from evf.cli.segment import add_model_arguments
     from evf.pipelines.config import InferenceConfig
 
-    assert DTYPES == DTYPE_NAMES
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    dtype = next(a for a in parser._actions if a.dest == "dtype")
+    assert tuple(dtype.choices) == DTYPE_NAMES and dtype.default == "auto"
     assert InferenceConfig().dtype == "auto"
     assert set(InferenceConfig.model_fields["dtype"].annotation.__args__) == set(DTYPE_NAMES)

@@ -20,16 +20,30 @@ from conftest import GROUNDING_NUM_QUERIES, rle_to_mask
 
 from evf import EvfSam2Predictor
 from evf.checkpoints import CheckpointError
+from evf.engine import InferenceEngine
+from evf.families.evf_sam2 import EvfSam2Family
 from evf.grounding import (
     GROUNDING_LAYOUT,
     DetectorImage,
+    Grounding,
     GroundingDetector,
     MissingDetectorError,
+    load_detector,
     normalize_caption,
 )
 from evf.postprocess import postprocess
 from evf.request import parse_request
-from evf.segment import RawMasks, finish, infer_masks, load_detector, segment
+from evf.result import RawMasks
+from evf.segment import finish, segment
+
+
+def infer_masks(predictor, images, items, detector=None, *, detector_images=None) -> list[RawMasks]:
+    """The EVF family's batch inference, as the engine calls it (one call, no isolation)."""
+    grounding = None
+    if detector is not None:
+        grounding = Grounding(detector, list(images if detector_images is None else detector_images))
+    return EvfSam2Family.infer(predictor, images, items, grounding)
+
 
 transformers = pytest.importorskip("transformers")
 
@@ -345,7 +359,7 @@ def test_prepared_images_need_detector_images(
         (1, parse_request({"prompt": "dog", "use_grounding_dino": True})),
         (0, parse_request({"prompt": "dog"})),
     ]
-    with pytest.raises(ValueError, match="detector_images"):
+    with pytest.raises(ValueError, match="needs the original array"):
         infer_masks(predictor, prepared, items, detector)
     from_workers = [None, detector.prepare_image(images[1])]  # only the grounding rows' images
     got = infer_masks(predictor, prepared, items, detector, detector_images=from_workers)
@@ -360,8 +374,8 @@ def test_missing_detector_and_lazy_loading(
     request = {"prompt": "dog", "use_grounding_dino": True}
     with pytest.raises(MissingDetectorError, match="GroundingDINO"):
         segment(images[0], request, predictor)
-    with pytest.raises(MissingDetectorError):
-        infer_masks(predictor, images, [(0, parse_request(request))])
+    failed = InferenceEngine.wrap(predictor).infer(images, [(0, parse_request(request))], images)[0]
+    assert isinstance(failed.cause, MissingDetectorError)
     # An EVF request never loads the detector, even a missing one.
     result = segment(images[0], {"prompt": "dog"}, predictor, detector=tmp_path / "absent")
     assert result.instances is None

@@ -22,6 +22,7 @@ import pytest
 from conftest import rle_to_mask
 from test_pipeline_e2e import check_outputs
 
+from evf.engine import GroundingSettings
 from evf.manifest import scan_manifest
 from evf.pipelines.commit import (
     METADATA_SCHEMA,
@@ -39,7 +40,7 @@ from evf.pipelines.read import ReadSettings, grounding_id, parse_row, read_task
 from evf.pipelines.rows import JobRow, units_from_table
 from evf.pipelines.summary import JobSummary
 from evf.postprocess import postprocess
-from evf.predictor import describe_checkpoint
+from evf.registry import describe_checkpoint
 from evf.request import parse_request
 from evf.storage import Storage
 
@@ -307,16 +308,14 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
 def test_actor_loads_the_detector_once_and_only_when_needed(dataset, checkpoint, grounding_dino_dir, loads):
     manifest, _ = dataset
     settings = InferenceSettings(
-        model=str(TINY),
+        checkpoint=checkpoint,
         storage=Storage(),
         torch_threads=1,
-        grounding_model=str(grounding_dino_dir),
-        box_threshold=0.0,
-        text_threshold=0.4,
+        grounding=GroundingSettings(str(grounding_dino_dir), box_threshold=0.0, text_threshold=0.4),
     )
     actor = InferenceStage(settings)
     evf_only = _rows(actor(_units(manifest, checkpoint, {"e1", "e2", "e3"})))
-    assert loads == [] and actor._detector is None, "EVF batches never load the detector"
+    assert loads == [] and actor.engine._detector is None, "EVF batches never load the detector"
     assert all(r.error is None and r.instances is None for r in evf_only.values())
 
     first = _rows(actor(_units(manifest, checkpoint, {"e1", "g1", "g2"})))
@@ -324,7 +323,8 @@ def test_actor_loads_the_detector_once_and_only_when_needed(dataset, checkpoint,
     path, kwargs = loads[0]
     assert path == str(grounding_dino_dir)
     assert (kwargs["box_threshold"], kwargs["text_threshold"]) == (0.0, 0.4)  # the job's thresholds
-    assert (actor._detector.box_threshold, actor._detector.text_threshold) == (0.0, 0.4)
+    detector = actor.engine.detector()
+    assert (detector.box_threshold, detector.text_threshold) == (0.0, 0.4)
     assert first["e1"].instances is None
     assert all(first[i].error is None and len(first[i].instances) > 0 for i in ("g1", "g2"))
 
@@ -335,7 +335,7 @@ def test_actor_loads_the_detector_once_and_only_when_needed(dataset, checkpoint,
 
 def test_grounding_rows_without_a_model_are_error_rows(dataset, checkpoint, tmp_path, loads):
     manifest, _ = dataset
-    actor = InferenceStage(InferenceSettings(model=str(TINY), storage=Storage(), torch_threads=1))
+    actor = InferenceStage(InferenceSettings(checkpoint=checkpoint, storage=Storage(), torch_threads=1))
     out = _rows(actor(_units(manifest, checkpoint, {"e1", "g1", "g2", "e2"})))
     assert loads == []
     for row_id in ("g1", "g2"):
@@ -345,7 +345,10 @@ def test_grounding_rows_without_a_model_are_error_rows(dataset, checkpoint, tmp_
 
     # A model that cannot be loaded: its rows are errors saying so; the load is not retried per batch.
     missing = InferenceSettings(
-        model=str(TINY), storage=Storage(), torch_threads=1, grounding_model=str(tmp_path / "absent")
+        checkpoint=checkpoint,
+        storage=Storage(),
+        torch_threads=1,
+        grounding=GroundingSettings(str(tmp_path / "absent")),
     )
     actor = InferenceStage(missing)
     for ids in ({"g1", "e1"}, {"g3"}):

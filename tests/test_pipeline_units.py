@@ -33,7 +33,8 @@ from evf.pipelines.read import (
     task_ranges,
 )
 from evf.pipelines.rows import ROW_SCHEMA, JobRow, units_from_table
-from evf.predictor import describe_checkpoint
+from evf.registry import describe_checkpoint
+from evf.settings import ModelOptions
 from evf.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,7 +323,11 @@ def test_checkpoint_description_matches_the_predictor(checkpoint, fixture_dir):
     from evf.predictor import EvfSam2Predictor
 
     predictor = EvfSam2Predictor.from_pretrained(TINY)
-    assert (checkpoint.mode, checkpoint.preprocessor.sam_size, checkpoint.preprocessor.beit3_size) == (
+    assert (
+        checkpoint.info.facts["mode"],
+        checkpoint.preprocessor.sam_size,
+        checkpoint.preprocessor.beit3_size,
+    ) == (
         predictor.mode,
         predictor.model.sam_image_size,
         predictor.model.beit3_image_size,
@@ -332,8 +337,8 @@ def test_checkpoint_description_matches_the_predictor(checkpoint, fixture_dir):
     prepared, expected = checkpoint.preprocessor(image), predictor.prepare_image(image)
     assert torch.equal(prepared.sam_pixels, expected.sam_pixels)
     assert torch.equal(prepared.beit3_pixels, expected.beit3_pixels)
-    legacy = describe_checkpoint(str(TINY), "legacy")
-    assert legacy.mode == "legacy"
+    legacy = describe_checkpoint(str(TINY), ModelOptions(mode="legacy"))
+    assert legacy.info.facts["mode"] == "legacy"
     assert torch.equal(
         legacy.preprocessor(image).sam_pixels,
         EvfSam2Predictor.from_pretrained(TINY, mode="legacy").prepare_image(image).sam_pixels,
@@ -397,19 +402,19 @@ def test_inference_and_finish_stages(tmp_path, checkpoint):
     output = _output(tmp_path)
     to_do = read_task(file, 0, 4, ReadSettings(output))
     units = decode_batch(to_do, settings=DecodeSettings(output, checkpoint.preprocessor))
-    actor = InferenceStage(InferenceSettings(model=str(TINY), storage=Storage(), torch_threads=1))
+    actor = InferenceStage(InferenceSettings(checkpoint=checkpoint, storage=Storage(), torch_threads=1))
     inferred = actor(units)
-    assert inferred.column("sam").null_count == inferred.num_rows  # model inputs dropped after use
+    assert inferred.column("inputs").null_count == inferred.num_rows  # model inputs dropped after use
 
     # A model failure on one prompt costs only that row.
-    real = actor._infer
+    real = actor.engine._run
 
     def flaky(images, arrays, items):
         if any(r.prompt == "the red circle" for _, r in items):
             raise RuntimeError("simulated model failure")
         return real(images, arrays, items)
 
-    actor._infer = flaky
+    actor.engine._run = flaky
     out_rows = {r.id: r for u in units_from_table(actor(units)) for r in u.rows}
     assert "simulated model failure" in out_rows["1"].error
     assert out_rows["4"].error is None and out_rows["4"].mask_index is not None
@@ -479,7 +484,7 @@ def test_semantic_rows_on_a_checkpoint_without_the_token_warn_once_per_job(
     checkpoint = _checkpoint_without_semantic(tmp_path)
     config = load_config(overrides={"manifest": str(manifest_path), "model": str(checkpoint)})
     info = describe_checkpoint(str(checkpoint))
-    assert not info.supports_semantic and info.mode == "legacy"
+    assert not info.supports_semantic and info.info.facts["mode"] == "legacy"
     with caplog.at_level("WARNING"):
         warn_if_semantic_unsupported(config, scan_manifest(str(manifest_path)), info, Storage())
     assert sum("[semantic]" in r.getMessage() for r in caplog.records) == (1 if warned else 0)

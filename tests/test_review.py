@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from evf.errors import error_kind
 from evf.overlay import MASK_FILL_RGB
 from evf.pipelines.commit import OutputLayout, write_metadata
 from evf.pipelines.metadata import read_metadata
 from evf.pipelines.review import GROUND_TRUTH_RGB, PAGE_SIZE, thumbnail, write_review
-from evf.pipelines.workers import error_kind
 
 CHROMIUM_ARGS = [
     "--no-sandbox",

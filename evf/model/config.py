@@ -13,17 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-INFERENCE_MODES = ("multitask", "legacy")
+from evf.settings import MODES
 
 
 def resolve_mode(requested: str | None, config_mode: str | None, supports_semantic: bool) -> str:
     """The inference mode: ``requested`` if given, else the checkpoint's ``inference_mode``, else
     multitask for tokenizers with ``[semantic]`` (the ``-multitask`` checkpoints), legacy otherwise."""
     mode = requested or config_mode or ("multitask" if supports_semantic else "legacy")
-    if mode not in INFERENCE_MODES:
-        raise ValueError(
-            f"mode={mode!r}; allowed: {', '.join(INFERENCE_MODES)} or None (from the checkpoint)"
-        )
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)} or None (from the checkpoint)")
     return mode
 
 
@@ -97,8 +95,8 @@ class EvfSam2Config:
                 f"config.json: hidden_size={hidden} but the BEiT-3 embed_dim is {beit3.embed_dim}"
             )
         mode = data.get("inference_mode")
-        if mode is not None and mode not in INFERENCE_MODES:
-            raise ValueError(f"config.json: inference_mode={mode!r}; allowed: {', '.join(INFERENCE_MODES)}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"config.json: inference_mode={mode!r}; allowed: {', '.join(MODES)}")
         return cls(beit3, sam2, hidden, int(data.get("out_dim", 256)), mode, dict(data))
 
     @classmethod

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from evf.settings import DTYPES
+
 if TYPE_CHECKING:
     from evf.model.evf_sam2 import EvfSam2Model
 
 log = logging.getLogger(__name__)
-
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _cpu_bf16_units() -> str | None:
@@ -72,8 +72,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPE_NAMES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     if dtype == "auto":
         return _auto_dtype(torch.device(device))
     return getattr(torch, dtype)

@@ -1,0 +1,1 @@
+"""The model families shipped with the library, one module each (see ``evf.registry``)."""
