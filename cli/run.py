@@ -11,9 +11,11 @@ Exit status (docs/pipeline.md says how a scheduler should react to each):
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from evf.cli import CommandFailed, add_overrides_argument
+from evf.cli.options import add_request_arguments, request_options
 from evf.settings import ModelOptions
 
 EXIT_RETRYABLE = 3
@@ -29,6 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the sample manifest)",
     )
     parser.add_argument("--manifest", help="Parquet manifest: a file or a folder, any fsspec URI")
+    parser.add_argument(
+        "--images",
+        help="instead of a manifest: a folder, a glob or a prefix (s3://bucket/imgs/) of images; every "
+        "image file under it is a row per prompt, its id the file's path relative to the folder",
+    )
+    parser.add_argument(
+        "--prompt", dest="prompts", action="append", help="with --images: what to segment (repeatable)"
+    )
+    parser.add_argument(
+        "--prompts", dest="prompts_file", help="with --images: a text file of prompts, one per line"
+    )
     parser.add_argument(
         "--columns",
         type=_column_mapping,
@@ -58,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ray-address", help="existing Ray cluster: auto or ray://host:10001 (ray.address)")
     parser.add_argument("--grounding-model", help="GroundingDINO checkpoint for use_grounding_dino rows")
+    add_request_arguments(
+        parser.add_argument_group("request options (defaults.*: rows that do not set them)")
+    )
     add_overrides_argument(
         parser, "override any config field, e.g. --set cpu.batch_size=64 --set defaults.mask_only=false"
     )
@@ -80,11 +96,35 @@ def _column_mapping(text: str) -> dict[str, str]:
     return {ours.strip(): theirs.strip() for ours, _, theirs in pairs}
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt values, then the lines of --prompts FILE (blank lines skipped)."""
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        from evf.io import read_bytes
+
+        text = read_bytes(args.prompts_file).decode("utf-8")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    return prompts or None
+
+
+def _output(args: argparse.Namespace) -> str | None:
+    """--output; for --images without it, a folder beside the images (said on stderr)."""
+    if args.output or not args.images:
+        return args.output
+    from evf.pipelines.sources import default_output
+
+    output = default_output(args.images)
+    print(f"evf run: output {output} (beside --images; --output sets another)", file=sys.stderr)
+    return output
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "manifest": args.manifest,
+        "images": args.images,
+        "prompts": _prompts(args),
         "columns": args.columns,
-        "output": args.output,
+        "output": _output(args),
         "model": args.model,
         "overwrite": args.overwrite,
         "retry_errors": "none" if args.no_retry_errors else args.retry_errors,
@@ -96,6 +136,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "grounding.model": args.grounding_model,
         "progress": False if args.no_progress else None,
         "ray.progress_bars": args.ray_progress,
+        **{f"defaults.{name}": value for name, value in request_options(args).items()},
     }
 
 

@@ -185,6 +185,15 @@ class JobConfig(StrictModel):
     """A batch segmentation job. ``manifest`` and ``output`` are fsspec URIs or local paths."""
 
     manifest: str = Field(description="Parquet manifest: one file or a folder of *.parquet files.")
+    images: str | None = Field(
+        default=None,
+        description="Instead of a manifest: a folder, a glob or an object-store prefix of images; each "
+        "image file under it is a row (per prompt), its id the file's path relative to the folder.",
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="With images: the prompts asked of every image (one row per image and prompt).",
+    )
     output: str = Field(description="Output root: masks/, metadata/ and _job.json go under it.")
     model: str = Field(
         default="evf-sam2-demo", description="Checkpoint: folder, fsspec URI, Hub id or evf-sam2-demo."
@@ -217,12 +226,30 @@ class JobConfig(StrictModel):
     cpu: CpuConfig = Field(default_factory=CpuConfig)
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
-    @field_validator("manifest", "output", "model")
+    @field_validator("manifest", "output", "model", "images")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must be a non-empty path or URI")
-        return value.strip()
+        return None if value is None else value.strip()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_blank(cls, value: list[str]) -> list[str]:
+        prompts = [p.strip() for p in value]
+        if any(not p for p in prompts):
+            raise ValueError("a prompt must be a non-empty string")
+        if len(set(prompts)) != len(prompts):
+            raise ValueError("the same prompt is given twice")
+        return prompts
+
+    @model_validator(mode="after")
+    def _images_have_prompts(self) -> JobConfig:
+        if self.images is not None and not self.prompts:
+            raise ValueError("images needs at least one prompt (--prompt TEXT or --prompts FILE)")
+        if self.prompts and self.images is None:
+            raise ValueError("prompts are asked of images (--images SOURCE); a manifest has its own column")
+        return self
 
     @field_validator("columns")
     @classmethod
@@ -285,8 +312,14 @@ class JobConfig(StrictModel):
         model = self.model
         if os.path.exists(os.path.expanduser(model)):  # a local folder (not a Hub id or the demo name)
             model = absolute(model)
+        images = None if self.images is None else absolute(self.images)
         return self.model_copy(
-            update={"manifest": absolute(manifest), "output": absolute(self.output), "model": model}
+            update={
+                "manifest": absolute(manifest),
+                "output": absolute(self.output),
+                "model": model,
+                "images": images,
+            }
         )
 
     def storage(self) -> Storage:

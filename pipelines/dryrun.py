@@ -9,6 +9,8 @@ and cost estimate.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,7 @@ from evf.pipelines.commit import OutputLayout
 from evf.pipelines.config import JobConfig
 from evf.pipelines.metadata import load_committed
 from evf.pipelines.read import READ_COLUMNS, CommittedIndex, InvalidRow, digests, grounding_id, parse_row
+from evf.pipelines.sources import with_images_manifest
 from evf.storage import Storage, display_url
 
 __all__ = ["FAL_PRICE_PER_REQUEST", "DEFAULT_ROWS_PER_S", "DryRun", "dry_run", "format_dry_run"]
@@ -72,10 +75,14 @@ def dry_run(config: JobConfig) -> DryRun:
     config = config.resolved()
     storage = config.storage()
     layout = OutputLayout(config.output)
+    listing = tempfile.TemporaryDirectory(prefix="evf-dry-run-")  # an images job's rows, not in the output
+    config = with_images_manifest(config, storage, os.path.join(listing.name, "images.parquet"))
     manifest = scan_manifest(config.manifest, storage.options(config.manifest), config.columns)
     committed = load_committed(layout, storage.options(layout.metadata)) if not config.overwrite else None
     index = CommittedIndex.build(committed.settled(config.retry_errors).table) if committed else None
-    report = DryRun(display_url(config.manifest), display_url(config.output), rows=manifest.num_rows)
+    report = DryRun(
+        display_url(config.images or config.manifest), display_url(config.output), rows=manifest.num_rows
+    )
     grounding = grounding_id(
         config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
     )

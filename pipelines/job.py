@@ -271,6 +271,7 @@ def run_job(config: JobConfig) -> JobSummary:
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
     storage = config.storage()
+    config = with_images_manifest(config, storage)
     layout = OutputLayout(config.output)
     output = JobOutput(layout, storage, config.model, run_id)
     record = RunRecord(

@@ -64,7 +64,7 @@ def test_from_pretrained_auto_runs_the_chosen_dtype_and_stays_close() -> None:
 def test_cli_and_job_config_offer_the_library_names() -> None:
     import argparse
 
-    from evf.cli.segment import add_model_arguments
+    from evf.cli.options import add_model_arguments
     from evf.pipelines.config import InferenceConfig
 
     parser = argparse.ArgumentParser()

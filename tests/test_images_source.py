@@ -1,0 +1,147 @@
+"""``evf run --images SOURCE --prompt TEXT``: a folder, a glob or an S3 prefix of images, no manifest.
+
+Through the real job: every image file under the source is a row (per prompt) with the file's path
+relative to the source as its id; a corrupt file is an error row and the job goes on; a re-run
+resumes (only images added since run). The expected ids are the files this test wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_exif_jpeg, make_gray_png, make_rgba_png, make_truncated_png
+from PIL import Image
+
+from evf.pipelines.config import DEFAULT_CONFIG, load_config
+from evf.pipelines.job import run_job
+from evf.pipelines.metadata import read_metadata
+from evf.pipelines.sources import default_output
+from evf.sources import IMAGE_SUFFIXES, NoFilesError, find_files
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "fixtures" / "evf-sam2-tiny" / "checkpoint"
+FAST = {"progress": False, "cpu.batch_size": 8, "inference.batch_size": 4, "model": str(TINY)}
+
+
+def _square(path: Path, colour: tuple[int, int, int] = (220, 30, 30)) -> None:
+    image = np.full((40, 56, 3), 200, np.uint8)
+    image[8:28, 10:34] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def image_folder(root: Path) -> tuple[set[str], set[str]]:
+    """A folder as users have them: PNG, EXIF JPEG, grayscale, RGBA, a subfolder, an upper-case
+    suffix, a corrupt PNG, and files that are not images (left out). Returns (good ids, bad ids)."""
+    root.mkdir(parents=True)
+    _square(root / "a.png")
+    make_exif_jpeg(root / "b.jpg")
+    make_gray_png(root / "gray.png")
+    make_rgba_png(root / "rgba.png")
+    _square(root / "sub" / "deeper" / "c.PNG", (30, 30, 220))
+    make_truncated_png(root / "broken.png")
+    (root / "notes.txt").write_text("not an image")
+    _square(root / ".hidden" / "d.png")
+    _square(root / "_cache.png")
+    return {"a.png", "b.jpg", "gray.png", "rgba.png", "sub/deeper/c.PNG"}, {"broken.png"}
+
+
+def test_find_files_takes_a_folder_a_glob_or_a_file(tmp_path: Path) -> None:
+    good, bad = image_folder(tmp_path / "imgs")
+    names = [f.name for f in find_files(str(tmp_path / "imgs"), IMAGE_SUFFIXES, what="images")]
+    assert names == sorted(good | bad)
+    assert all(
+        os.path.isabs(f.uri) for f in find_files(str(tmp_path / "imgs"), IMAGE_SUFFIXES, what="images")
+    )
+    globbed = find_files(str(tmp_path / "imgs" / "*.png"), IMAGE_SUFFIXES, what="images")
+    assert [f.name for f in globbed] == ["a.png", "broken.png", "gray.png", "rgba.png"]
+    one = find_files(str(tmp_path / "imgs" / "a.png"), IMAGE_SUFFIXES, what="images")
+    assert [(f.name, f.uri) for f in one] == [("a.png", str(tmp_path / "imgs" / "a.png"))]
+    with pytest.raises(NoFilesError, match="holds no images"):
+        find_files(str(tmp_path / "imgs" / "*.txt"), IMAGE_SUFFIXES, what="images")
+    with pytest.raises(NoFilesError, match="not found"):
+        find_files(str(tmp_path / "absent"), IMAGE_SUFFIXES, what="images")
+
+
+def test_default_output_lies_beside_the_images() -> None:
+    assert default_output("/data/photos") == "/data/photos-evf"
+    assert default_output("/data/photos/") == "/data/photos-evf"
+    assert default_output("/data/photos/*.jpg") == "/data/photos-evf"
+    assert default_output("s3://bucket/imgs/") == "s3://bucket/imgs-evf"
+    assert default_output(".") == "./evf-output"
+
+
+def test_a_folder_of_images_runs_and_resumes(ray_session, tmp_path: Path) -> None:
+    good, bad = image_folder(tmp_path / "imgs")
+    flags = {"images": str(tmp_path / "imgs"), "prompts": ["the red square"], "output": str(tmp_path / "out")}
+    summary = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    assert summary.counts["error"] == 1 and summary.counts["ok"] + summary.counts["empty"] == len(good)
+    rows = {r["id"]: r for r in read_metadata(str(tmp_path / "out")).to_pylist()}
+    assert set(rows) == good | bad
+    assert rows["broken.png"]["status"] == "error" and "decode" in rows["broken.png"]["error"]
+    assert rows["sub/deeper/c.PNG"]["image_url"] == str(tmp_path / "imgs" / "sub" / "deeper" / "c.PNG")
+    assert all(r["prompt"] == "the red square" for r in rows.values())
+
+    # A re-run lists the folder anew: the image added since is the only row that runs.
+    _square(tmp_path / "imgs" / "new.png")
+    again = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    assert again.skipped == len(good | bad) and again.this_run["ok"] + again.this_run["empty"] == 1
+    assert "new.png" in {r["id"] for r in read_metadata(str(tmp_path / "out")).to_pylist()}
+
+
+def test_several_prompts_make_a_row_each(ray_session, tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    _square(root / "a.png")
+    _square(root / "b.png", (30, 30, 220))
+    prompts = ["the red square", "the blue square"]
+    flags = {"images": str(root), "prompts": prompts, "output": str(tmp_path / "o")}
+    summary = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    assert summary.counts["error"] == 0
+    ids = {r["id"] for r in read_metadata(str(tmp_path / "o")).to_pylist()}
+    assert ids == {f"{name}|{prompt}" for name in ("a.png", "b.png") for prompt in prompts}
+
+
+def test_an_s3_prefix_of_images(ray_session, s3_server, s3_bucket, monkeypatch, tmp_path: Path) -> None:
+    import fsspec
+
+    bucket, storage_options = s3_bucket
+    fs = fsspec.filesystem("s3", **storage_options)
+    for name, colour in (("x/one.png", (220, 30, 30)), ("x/two/three.jpg", (30, 30, 220))):
+        image = np.full((32, 32, 3), 200, np.uint8)
+        image[4:20, 6:26] = colour
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG" if name.endswith(".png") else "JPEG")
+        fs.pipe(f"{bucket}/imgs/{name}", buffer.getvalue())
+    fs.pipe(f"{bucket}/imgs/x/corrupt.png", b"\x89PNG\r\n\x1a\n not really")
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    flags = {"images": f"s3://{bucket}/imgs/", "prompts": ["the square"], "output": f"s3://{bucket}/out"}
+    summary = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    rows = {r["id"]: r for r in read_metadata(f"s3://{bucket}/out", storage_options).to_pylist()}
+    assert set(rows) == {"x/one.png", "x/two/three.jpg", "x/corrupt.png"}
+    assert rows["x/corrupt.png"]["status"] == "error" and summary.counts["error"] == 1
+    assert rows["x/one.png"]["image_url"] == f"s3://{bucket}/imgs/x/one.png"
+    assert fs.exists(f"{bucket}/out/inputs/images.parquet")
+
+
+def test_the_command_line_derives_the_output_and_dry_runs(tmp_path: Path) -> None:
+    good, bad = image_folder(tmp_path / "imgs")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the red square\n\nthe blue square\n")
+    command = [sys.executable, "-m", "evf.cli", "run", "--images", str(tmp_path / "imgs")]
+    command += ["--prompts", str(prompts), "--fill-holes", "--dry-run"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"output {tmp_path / 'imgs'}-evf" in done.stderr
+    assert f"{2 * len(good | bad)} rows" in done.stdout
+    assert not (tmp_path / "imgs-evf").exists(), "a dry run writes nothing"
+    missing = subprocess.run(
+        [*command[:6], "--dry-run"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert missing.returncode == 2 and "images needs at least one prompt" in missing.stderr
