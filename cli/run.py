@@ -12,17 +12,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import Any
 
 from evf.cli import CommandFailed, add_overrides_argument
 from evf.cli.options import add_request_arguments, request_options
+from evf.request import OPTION_NAMES
 from evf.settings import ModelOptions
 
 EXIT_RETRYABLE = 3
 """``evf run``'s exit status when rows are left as retryable errors."""
 
 
+MANIFEST_HELP = """\
+inputs:
+  --images SOURCE --prompt TEXT   a folder, glob or prefix of images; no manifest needed
+  --manifest URI                  Parquet: one file or a folder of *.parquet files, one row each:
+    image_url   path or URI of the image (relative paths: from the manifest's folder)   required
+    prompt      what to segment                                                          required
+    id          the row's id (default: file name + row number); resume keys on it
+{options}
+                request options per row (null: the job's default, defaults.* / the flags)
+  --columns image_url=url,prompt=caption   when the manifest names them otherwise
+""".format(
+    options=textwrap.fill(", ".join(OPTION_NAMES), 96, initial_indent="    ", subsequent_indent="    ")
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = MANIFEST_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "config",
         nargs="?",
@@ -64,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-retry-errors", action="store_true", help="keep every committed error row as it is"
     )
     parser.add_argument("--actors", type=int, help="model actors (inference.actors)")
-    parser.add_argument("--num-gpus", type=float, help="GPUs per actor (inference.num_gpus; 0 = CPU)")
+    parser.add_argument(
+        "--num-gpus", type=float, help="GPUs per actor (inference.num_gpus; 0 = CPU; --device cuda: 1)"
+    )
     parser.add_argument("--batch-size", type=int, help="images per model call (inference.batch_size)")
     parser.add_argument(
         "--device", help=f"{ModelOptions.model_fields['device'].description} (inference.device)"
@@ -108,14 +129,23 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
 
 
 def _output(args: argparse.Namespace) -> str | None:
-    """--output; for --images without it, a folder beside the images (said on stderr)."""
-    if args.output or not args.images:
+    """--output; for --images or --manifest without it, a folder beside that input (said on stderr):
+    a user's input never lands in the config's output (the sample's, by default)."""
+    source, flag = (args.images, "--images") if args.images else (args.manifest, "--manifest")
+    if args.output or not source:
         return args.output
     from evf.pipelines.sources import default_output
 
-    output = default_output(args.images)
-    print(f"evf run: output {output} (beside --images; --output sets another)", file=sys.stderr)
+    output = default_output(source)
+    print(f"evf run: output {output} (beside {flag}; --output sets another)", file=sys.stderr)
     return output
+
+
+def _num_gpus(args: argparse.Namespace) -> float | None:
+    """--num-gpus; ``--device cuda`` without it means one GPU per actor."""
+    if args.num_gpus is None and (args.device or "").startswith("cuda"):
+        return 1
+    return args.num_gpus
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,7 +159,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "overwrite": args.overwrite,
         "retry_errors": "none" if args.no_retry_errors else args.retry_errors,
         "inference.actors": args.actors,
-        "inference.num_gpus": args.num_gpus,
+        "inference.num_gpus": _num_gpus(args),
         "inference.batch_size": args.batch_size,
         "inference.device": args.device,
         "ray.address": args.ray_address,

@@ -38,15 +38,19 @@ def image_rows(images: str, prompts: list[str], storage: Storage) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_SCHEMA)
 
 
-def default_output(images: str) -> str:
-    """Where an ``images`` job writes when no output is named: beside the images, never into them
-    (``./photos`` -> ``./photos-evf``; a glob's folder likewise; ``s3://b/imgs/`` -> ``s3://b/imgs-evf``)."""
-    root = images
+def default_output(source: str) -> str:
+    """Where a job over the user's input writes when no output is named: beside the input, never into
+    it nor into the sample's output (``./photos`` -> ``./photos-evf``; a glob's folder likewise;
+    ``s3://b/imgs/`` -> ``s3://b/imgs-evf``; a manifest ``runs/mine.parquet`` -> ``runs/mine-evf``)."""
+    root = source
     for wildcard in ("*", "?", "["):
         root = root.split(wildcard, 1)[0]
-    if root != images:  # a glob: the folder its pattern starts in
+    if root != source:  # a glob: the folder its pattern starts in
         root = root.rsplit("/", 1)[0] if "/" in root else "."
     root = root.rstrip("/") or "."
+    stem, dot, suffix = root.rpartition(".")
+    if dot and "/" not in suffix and suffix.lower() in ("parquet", "csv", "jsonl", "json"):
+        root = stem
     return f"{root}-evf" if root not in (".", "..") else f"{root}/evf-output"
 
 
