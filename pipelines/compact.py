@@ -41,7 +41,7 @@ from evf.storage import join_uri, open_filesystem
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO_COMPACT_FILES", "ROWS_PER_FILE", "Compaction", "compact"]
+__all__ = ["AUTO_COMPACT_FILES", "ROWS_PER_FILE", "Compaction", "compact", "drop_superseded"]
 
 ROWS_PER_FILE = 250_000
 AUTO_COMPACT_FILES = 256
@@ -75,6 +75,39 @@ def compact(
         paths = [p for p in paths if p.rsplit("/", 1)[-1].startswith("part-")]
     if len(paths) <= 1:
         return Compaction(len(paths), 0, 0, 0)
+    return _merge(fs, paths, layout, rows_per_file, storage_options)
+
+
+def drop_superseded(root: str, storage_options: Mapping[str, Any] | None = None) -> Compaction:
+    """Merge just the metadata files that hold an id more than once between them (a row committed
+    again: a retried error, a row a crashed run committed twice), so that every reader, a raw
+    ``pyarrow.dataset`` over ``metadata/`` included, sees each id once. Files without such an id are
+    left as they are; crash-safe as ``compact``. Reads the ``id`` column of every file."""
+    layout = OutputLayout(root)
+    fs, paths = list_metadata_files(layout, storage_options)
+    ids = map_threads(lambda path: read_metadata_files(fs, [path], ["id"], threads=1).column("id"), paths, 16)
+    for path, column in zip(paths, ids, strict=True):
+        if isinstance(column, BaseException):
+            raise OSError(f"metadata file {path!r} cannot be read ({column})")
+    if not paths:
+        return Compaction(0, 0, 0, 0)
+    every = pa.chunked_array([c for c in ids], pa.string())
+    counts = pc.value_counts(every)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return Compaction(0, 0, 0, 0)
+    holding = [p for p, column in zip(paths, ids, strict=True) if pc.any(pc.is_in(column, repeated)).as_py()]
+    return _merge(fs, holding, layout, ROWS_PER_FILE, storage_options)
+
+
+def _merge(
+    fs: Any,
+    paths: list[str],
+    layout: OutputLayout,
+    rows_per_file: int,
+    storage_options: Mapping[str, Any] | None,
+) -> Compaction:
+    """Steps 1-4 of the module docstring over these files."""
     winners, dropped = newest_per_id(read_metadata_files(fs, paths, ["id", "run_id"]))
     digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
     merged = _MergedFiles(join_uri(layout.metadata, f"compact-{digest}"), rows_per_file, storage_options)

@@ -29,7 +29,7 @@ from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.parquet import read_parquet
 from evf.pipelines.commit import JobOutput, OutputLayout, clear_outputs
-from evf.pipelines.compact import AUTO_COMPACT_FILES, compact
+from evf.pipelines.compact import AUTO_COMPACT_FILES, compact, drop_superseded
 from evf.pipelines.config import JobConfig
 from evf.pipelines.dataset import build_dataset, data_context, describe_reservations
 from evf.pipelines.infer import MODEL_ROWS, NODE_PREFIX
@@ -289,10 +289,14 @@ def run_job(config: JobConfig) -> JobSummary:
     log.info(
         "Run %s: manifest %s -> output %s", run_id, display_url(config.manifest), display_url(config.output)
     )
-    summary = _run_and_account(config, storage, output, record)
+    summary, superseding = _run_and_account(config, storage, output, record)
     if summary.missing:
         raise JobError(f"{summary.missing} manifest row(s) have no metadata row after the run")
     _compact_if_many(layout, storage)
+    if superseding:  # rows committed again: each id once in the files, for readers that do not dedupe
+        merged = drop_superseded(layout.root, storage.options(layout.metadata))
+        if merged.duplicates_dropped:
+            log.info("Dropped %d superseded metadata row(s) (ids committed again)", merged.duplicates_dropped)
     if record.stale:
         log.warning(
             "%d committed row(s) were computed from different inputs (manifest row or model changed) and "
@@ -302,9 +306,13 @@ def run_job(config: JobConfig) -> JobSummary:
     return summary
 
 
-def _run_and_account(config: JobConfig, storage: Storage, output: JobOutput, record: RunRecord) -> JobSummary:
+def _run_and_account(
+    config: JobConfig, storage: Storage, output: JobOutput, record: RunRecord
+) -> tuple[JobSummary, bool]:
     """Scan, run what is left to do, account for every manifest row. Its own function so that the
-    manifest's ids and the commit record are freed before the compaction reads the record again."""
+    manifest's ids and the commit record are freed before the compaction reads the record again.
+    Also says whether metadata/ may now hold an id twice (a committed row redone, or duplicates
+    left by a crash)."""
     layout = output.layout
     manifest, committed = _scan(config, storage, layout)
     record.input_rows = manifest.num_rows
@@ -341,4 +349,5 @@ def _run_and_account(config: JobConfig, storage: Storage, output: JobOutput, rec
             raise
         finally:
             summary = summarize_run(record, manifest.ids, committed, layout, storage)
-    return summary
+    redone = committed.table.num_rows > plan.skipped  # committed rows this run computed again
+    return summary, bool(redone or committed.duplicate_rows)
