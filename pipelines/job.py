@@ -207,11 +207,12 @@ def _run_pipeline(
     committed_ref = ray.put(plan.index) if plan.index is not None else None
     output = JobOutput(output.layout, output.storage, output.model_id, output.run_id, start_counters())
     progress = JobProgress(output.counters, to_do, enabled=config.progress)
+    progress.start()  # redrawn on a timer from the counters, whatever the iterator below does
     try:
         with data_context(config):
             dataset = build_dataset(config, manifest, checkpoint, output, committed_ref, plan.committed_rows)
             for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                progress.update()
+                pass  # the rows are committed by the stages; this only drives the stream
         counts = progress.update()
         record.stale = counts.get("stale", 0)
         record.model_rows = counts.get(MODEL_ROWS, 0)
