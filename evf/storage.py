@@ -54,6 +54,12 @@ def uri_protocol(uri: str) -> str:
     return scheme.lower()
 
 
+def container_uri(uri: str) -> str:
+    """Where the bytes of ``uri`` live: for an fsspec chained URL (``tar://key.jpg::s3://b/shard.tar``,
+    a member of a WebDataset shard) the container's URI, else ``uri`` itself."""
+    return uri.rsplit("::", 1)[1] if "::" in uri and not uri.startswith("data:") else uri
+
+
 def storage_options_for(uri: str, explicit: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """fsspec storage options for ``uri``: ``explicit`` completed from the environment where relevant.
 
@@ -123,9 +129,10 @@ class Storage:
         return cls(explicit, storage_options_for("s3://bucket", explicit), retry, commit_retry)
 
     def options(self, uri: str) -> dict[str, Any]:
-        if uri_protocol(uri) in _S3_PROTOCOLS:
+        target = container_uri(uri)
+        if uri_protocol(target) in _S3_PROTOCOLS:
             return dict(self.s3)
-        return storage_options_for(uri, self.explicit)
+        return storage_options_for(target, self.explicit)
 
     def __repr__(self) -> str:  # never print credentials
         return "Storage(<redacted>)"
@@ -219,11 +226,15 @@ def open_filesystem(
     request as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`) unless the options set
     ``config_kwargs["retries"]`` themselves. Local paths give a ``LocalFileSystem`` and an absolute path.
     """
-    options = storage_options_for(uri, storage_options)
-    if uri_protocol(uri) in _S3_PROTOCOLS and "retries" not in (options.get("config_kwargs") or {}):
+    target = container_uri(uri)
+    options = storage_options_for(target, storage_options)
+    if uri_protocol(target) in _S3_PROTOCOLS and "retries" not in (options.get("config_kwargs") or {}):
         config = dict(options.get("config_kwargs") or {})
         config.update(request_retry_config(retry or DEFAULT_RETRY_POLICY))
         options["config_kwargs"] = config
+    if target != uri:  # a member of a container: the options are the container's storage's
+        protocol = uri_protocol(target)
+        return fsspec.core.url_to_fs(uri, **({protocol: options} if protocol else {}))
     return fsspec.core.url_to_fs(uri, **options)
 
 

@@ -245,8 +245,14 @@ class JobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _images_have_prompts(self) -> JobConfig:
-        if self.images is not None and not self.prompts:
-            raise ValueError("images needs at least one prompt (--prompt TEXT or --prompts FILE)")
+        from_member = "prompt" in self.columns
+        if self.images is not None and not self.prompts and not from_member:
+            raise ValueError(
+                "images needs at least one prompt (--prompt TEXT, --prompts FILE, or for WebDataset "
+                "shards --columns prompt=txt)"
+            )
+        if self.images is not None and self.prompts and from_member:
+            raise ValueError("give prompts either as --prompt/--prompts or from a member (columns.prompt)")
         if self.prompts and self.images is None:
             raise ValueError("prompts are asked of images (--images SOURCE); a manifest has its own column")
         return self

@@ -2,7 +2,9 @@
 
 The files under the source (``evf.sources.find_files``) times the prompts become manifest rows:
 ``id`` is the file's path relative to the source (``name|prompt`` when there are several prompts),
-so ids are stable across runs and a re-run resumes. The listing is written as a Parquet manifest
+so ids are stable across runs and a re-run resumes. A WebDataset shard among the files stands for its
+samples (``evf.sources.find_images``): id ``<shard>/<key>``, the prompt from ``--prompt`` or from a
+member of the sample (``columns: {prompt: txt}``). The listing is written as a Parquet manifest
 under the output (``inputs/images.parquet``), where the review page and exports find the rows again;
 it is listed anew at every run, so images added since are picked up and committed ones skipped.
 """
@@ -16,7 +18,7 @@ import pyarrow.parquet as pq
 
 from evf.io import write_bytes
 from evf.pipelines.config import JobConfig
-from evf.sources import IMAGE_SUFFIXES, find_files
+from evf.sources import find_images
 from evf.storage import Storage, join_uri
 
 __all__ = ["IMAGES_MANIFEST", "default_output", "image_rows", "with_images_manifest"]
@@ -26,9 +28,16 @@ IMAGES_MANIFEST = "inputs/images.parquet"
 _SCHEMA = pa.schema([("id", pa.string()), ("image_url", pa.string()), ("prompt", pa.string())])
 
 
-def image_rows(images: str, prompts: list[str], storage: Storage) -> pa.Table:
-    """One row (``id``, ``image_url``, ``prompt``) per image file under ``images`` and prompt."""
-    files = find_files(images, IMAGE_SUFFIXES, storage.options(images), what="images")
+def image_rows(
+    images: str, prompts: list[str], storage: Storage, prompt_member: str | None = None
+) -> pa.Table:
+    """One row (``id``, ``image_url``, ``prompt``) per image file under ``images`` and prompt; with
+    ``prompt_member`` (WebDataset shards: ``txt``), one row per image, its prompt that member (a
+    sample without it is a row without a prompt: an error row naming the field)."""
+    files = find_images(images, storage.options(images), prompt_member)
+    if prompt_member:
+        rows = [{"id": f.name, "image_url": f.uri, "prompt": f.texts.get(prompt_member)} for f in files]
+        return pa.Table.from_pylist(rows, schema=_SCHEMA)
     several = len(prompts) > 1
     rows = [
         {"id": f"{file.name}|{prompt}" if several else file.name, "image_url": file.uri, "prompt": prompt}
@@ -60,7 +69,7 @@ def with_images_manifest(config: JobConfig, storage: Storage, uri: str | None = 
     when the source holds no image."""
     if config.images is None:
         return config
-    table = image_rows(config.images, config.prompts, storage)
+    table = image_rows(config.images, config.prompts, storage, config.columns.get("prompt"))
     target = uri or join_uri(config.output, IMAGES_MANIFEST)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)

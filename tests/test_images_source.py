@@ -146,3 +146,51 @@ def test_the_command_line_derives_the_output_and_dry_runs(tmp_path: Path) -> Non
         [*command[:6], "--dry-run"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert missing.returncode == 2 and "images needs at least one prompt" in missing.stderr
+
+
+def write_shards(folder: Path) -> dict[str, str]:
+    """Two WebDataset shards written by the ``webdataset`` package itself (as img2dataset writes
+    them): samples of a PNG or JPEG and a caption, one corrupt image, one sample without a caption.
+    Returns {id: caption} of the samples that have an image."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    captions = {}
+    for shard in range(2):
+        with wds.TarWriter(str(folder / f"shard-{shard:03d}.tar")) as sink:
+            for index in range(3):
+                key = f"{shard:03d}{index:03d}"
+                image = np.full((24, 32, 3), 200, np.uint8)
+                image[4:16, 6:20] = (220, 30, 30)
+                buffer = io.BytesIO()
+                kind = "png" if index % 2 else "jpg"
+                Image.fromarray(image).save(buffer, "PNG" if kind == "png" else "JPEG")
+                data = buffer.getvalue() if (shard, index) != (1, 2) else b"not an image at all"
+                sample = {"__key__": key, kind: data}
+                if (shard, index) != (0, 1):
+                    sample["txt"] = f"the red square {key}"
+                    captions[f"shard-{shard:03d}/{key}"] = sample["txt"]
+                else:
+                    captions[f"shard-{shard:03d}/{key}"] = None
+                sink.write(sample)
+            sink.write({"__key__": f"{shard:03d}999", "txt": "a caption without an image"})
+    return captions
+
+
+def test_webdataset_shards_are_read_sample_by_sample(ray_session, tmp_path: Path) -> None:
+    captions = write_shards(tmp_path / "shards")
+    flags = {
+        "images": str(tmp_path / "shards" / "*.tar"),
+        "columns": {"prompt": "txt"},
+        "output": str(tmp_path / "o"),
+    }
+    summary = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    rows = {r["id"]: r for r in read_metadata(str(tmp_path / "o")).to_pylist()}
+    assert set(rows) == set(captions)
+    assert rows["shard-000/000001"]["status"] == "error" and "prompt" in rows["shard-000/000001"]["error"]
+    assert rows["shard-001/001002"]["status"] == "error" and "decode" in rows["shard-001/001002"]["error"]
+    good = {i for i, caption in captions.items() if caption and i != "shard-001/001002"}
+    assert all(rows[i]["status"] in ("ok", "empty") and rows[i]["prompt"] == captions[i] for i in good)
+    assert summary.counts["error"] == 2
+    again = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
+    assert again.skipped == len(captions) and sum(again.this_run.values()) == 0
