@@ -194,3 +194,42 @@ def test_webdataset_shards_are_read_sample_by_sample(ray_session, tmp_path: Path
     assert summary.counts["error"] == 2
     again = run_job(load_config(DEFAULT_CONFIG, {**FAST, **flags}))
     assert again.skipped == len(captions) and sum(again.this_run.values()) == 0
+
+
+def test_an_interrupted_images_run_resumes_with_every_row_once(tmp_path: Path) -> None:
+    """Ctrl-C part-way through a folder of images and a WebDataset shard, then the same command again."""
+    import signal
+    import time
+
+    import pyarrow.dataset as ds
+
+    source = tmp_path / "imgs"
+    captions = write_shards(source / "shards")
+    for index in range(10):
+        _square(source / f"p{index:02d}.png")
+    expected = {f"p{i:02d}.png" for i in range(10)} | {f"shards/{name}" for name in captions}
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "evf.cli", "run", "--images", str(source), "--prompt", "the red square"]
+    command += ["--output", str(output), "--model", str(TINY), "--no-progress", "--set", "cpu.batch_size=2"]
+    command += ["--set", "inference.batch_size=1", "--set", "ray.num_cpus=2"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((output / "metadata").glob("part-*.parquet")):
+            assert first.poll() is None and time.monotonic() < deadline, "no commit before the interrupt"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    partial = {r["id"] for r in read_metadata(str(output)).to_pylist()}
+    assert 0 < len(partial) < len(expected), "interrupted part-way"
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = read_metadata(str(output)).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+    raw = ds.dataset(output / "metadata", format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    assert sorted(raw) == sorted(expected), "every row exactly once, for a raw reader too"
