@@ -4,8 +4,11 @@ Exit status (docs/pipeline.md says how a scheduler should react to each):
 0  the job completed: every row is ok, empty or a permanent error (bad image, invalid option);
 3  the job completed but some rows failed for a transient cause (storage down, throttled): they are
    ``error`` rows marked ``retryable``, and re-running the same command retries them;
+4  the job completed but its rows failed: every row this run processed is an error, or more than
+   ``--max-error-rate`` of them (wrong column, image root or model; storage down): the summary's
+   error kinds say why; 4 wins over 3 (a re-run still retries the retryable ones);
 1  the job itself failed (nothing is lost: a re-run resumes);
-2  invalid config or command line.
+2  invalid config or command line, or an output that cannot be written.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from evf.settings import ModelOptions
 
 EXIT_RETRYABLE = 3
 """``evf run``'s exit status when rows are left as retryable errors."""
+EXIT_ROWS_FAILED = 4
+"""``evf run``'s exit status when every row it ran failed, or more than ``max_error_rate`` of them."""
 
 
 MANIFEST_HELP = """\
@@ -81,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     retry.add_argument(
         "--no-retry-errors", action="store_true", help="keep every committed error row as it is"
+    )
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        metavar="RATE",
+        help="exit 4 when more than this share (0..1) of the rows run are errors (default: when all "
+        "are; max_error_rate)",
     )
     parser.add_argument("--actors", type=int, help="model actors (inference.actors)")
     parser.add_argument(
@@ -158,6 +170,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "overwrite": args.overwrite,
         "retry_errors": "none" if args.no_retry_errors else args.retry_errors,
+        "max_error_rate": args.max_error_rate,
         "inference.actors": args.actors,
         "inference.num_gpus": _num_gpus(args),
         "inference.batch_size": args.batch_size,
@@ -188,5 +201,27 @@ def command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise CommandFailed("interrupted; re-run the same command to resume") from None
     print(format_summary(summary))
-    print(f"Masks written to {summary.layout.masks}/")
+    if summary.ok or summary.empty:
+        print(f"Masks written to {summary.layout.masks}/")
+    failed = _too_many_errors(summary.this_run, config.max_error_rate)
+    if failed:
+        print(f"evf run: {failed}", file=sys.stderr)
+        return EXIT_ROWS_FAILED
     return EXIT_RETRYABLE if summary.retryable else 0
+
+
+def _too_many_errors(this_run: dict[str, int], max_error_rate: float | None) -> str | None:
+    """Why this run's rows count as failed (exit 4), or None: every row it ran is an error, or more
+    than ``max_error_rate`` of them are. A run with no row to do has not failed."""
+    errors, rows = this_run.get("error", 0), sum(this_run.values())
+    if not rows:
+        return None
+    if max_error_rate is None and errors < rows:
+        return None
+    if max_error_rate is not None and errors / rows <= max_error_rate:
+        return None
+    limit = "all of them" if max_error_rate is None else f"more than --max-error-rate {max_error_rate:g}"
+    return (
+        f"{errors} of the {rows} row(s) this run processed failed ({limit}); the errors by kind are "
+        "above, every message in the metadata (status == 'error') or `evf review OUTPUT`"
+    )

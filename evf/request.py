@@ -42,6 +42,7 @@ __all__ = [
     "clean_value",
     "merge_options",
     "parse_request",
+    "short_repr",
 ]
 
 BLUR_MASK_MAX = 50
@@ -213,8 +214,32 @@ class FieldError(NamedTuple):
     message: str
 
 
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+SHORT_REPR_LIMIT = 100
+"""The most characters of a value an error message quotes (``short_repr``)."""
+
+
+def _described(value: Any, depth: int = 0) -> str:
+    """``repr(value)`` with bytes described, not printed (``<bytes, 6,532 B>``), also inside a
+    mapping or a sequence (Hugging Face's image struct ``{"bytes": b"...", "path": ...}``)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        return f"<{type(value).__name__}, {size:,} B>"
+    if depth < 3 and isinstance(value, Mapping):
+        items = [
+            f"{_described(k, depth + 1)}: {_described(v, depth + 1)}" for k, v in list(value.items())[:8]
+        ]
+        return "{" + ", ".join(items) + (", ..." if len(value) > 8 else "") + "}"
+    if depth < 3 and isinstance(value, list | tuple):
+        items = [_described(v, depth + 1) for v in value[:8]]
+        more = ", ..." if len(value) > 8 else ("," if isinstance(value, tuple) and len(value) == 1 else "")
+        return ("[{}{}]" if isinstance(value, list) else "({}{})").format(", ".join(items), more)
+    return repr(value)
+
+
+def short_repr(value: Any, limit: int = SHORT_REPR_LIMIT) -> str:
+    """How an error message quotes a value: its repr clipped to ``limit`` characters, bytes (alone
+    or in a mapping, such as an image struct) described by type and size instead of printed."""
+    text = _described(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -233,7 +258,7 @@ class InvalidRequestError(UserError, ValueError):
     def _format(errors: list[FieldError]) -> str:
         parts = []
         for e in errors:
-            given = " (missing)" if e.value is MISSING else f"={_short_repr(e.value)}"
+            given = " (missing)" if e.value is MISSING else f"={short_repr(e.value)}"
             parts.append(f"{e.field}{given}: {e.message}")
         return "invalid request: " + "; ".join(parts)
 
@@ -252,9 +277,9 @@ def _convert(exc: ValidationError, data: Mapping[str, Any]) -> InvalidRequestErr
         loc = err.get("loc") or ()
         key = loc[0] if loc else None
         if err["type"] == "invalid_key":  # non-string key
-            name, value, rule = _short_repr(key), data.get(key, MISSING), _unknown_rule()
+            name, value, rule = short_repr(key), data.get(key, MISSING), _unknown_rule()
         elif err["type"] == "extra_forbidden" or key not in _RULES:
-            name, value, rule = str(key), data.get(key, MISSING), _unknown_rule()
+            name, value, rule = str(key)[:SHORT_REPR_LIMIT], data.get(key, MISSING), _unknown_rule()
         else:
             name, value, rule = str(key), data.get(key, MISSING), _RULES[key]
         if name in seen:

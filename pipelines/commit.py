@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,20 +30,24 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
+from evf.errors import UserError
 from evf.io import ImageWriteError, write_bytes
 from evf.pipelines.rows import INSTANCE_TYPE, OPTION_TYPES, RLE_TYPE, JobRow
 from evf.request import OPTION_NAMES
 from evf.result import SegmentResult
 from evf.retry import RetryPolicy
-from evf.storage import Storage, display_url, join_uri, open_filesystem
+from evf.storage import Storage, describe_error, display_url, join_uri, open_filesystem, shown_uri
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "METADATA_SCHEMA",
     "JobOutput",
+    "OutputError",
     "OutputLayout",
+    "check_output_writable",
     "clear_outputs",
     "metadata_table",
     "write_metadata",
@@ -225,3 +231,55 @@ def clear_outputs(layout: OutputLayout, storage_options: Mapping[str, Any] | Non
             raise ImageWriteError(
                 f"cannot delete {uri!r} for --overwrite: {type(error).__name__}: {error}"
             ) from None
+
+
+class OutputError(UserError, OSError):
+    """The output cannot be written (read-only, a file, no such bucket, access denied): a user error,
+    found before Ray starts."""
+
+
+def _missing_top(path: str) -> str | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    top = None
+    while path and not os.path.lexists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
+def check_output_writable(root: str, storage: Storage) -> None:
+    """Write and delete a small probe object, ``<root>/_evf-write-check-<uuid>``, so that an output that
+    cannot be written fails in seconds, before Ray or the model start (and in ``--dry-run``). A local
+    output that is a file is refused; folders the probe had to create are removed again.
+
+    Raises :class:`OutputError` naming the output and the storage's cause, in one line.
+    """
+    shown = shown_uri(root)
+    fs, path = open_filesystem(root, storage.options(root))
+    local = isinstance(fs, LocalFileSystem)
+    if local and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"output {shown!r} is a file, not a folder (a folder path is created when missing)")
+    created = _missing_top(path) if local else None
+    probe = join_uri(root, f"_evf-write-check-{uuid.uuid4().hex[:12]}")
+    try:
+        write_bytes(probe, b"evf write check\n", storage.options(probe), storage.retry)
+    except ImageWriteError as error:
+        cause = describe_error(error.__cause__ or error, storage.options(root))
+        raise OutputError(f"output {shown!r} is not writable: {cause}") from None
+    try:
+        probe_fs, probe_path = open_filesystem(probe, storage.options(probe))
+        probe_fs.rm_file(probe_path)
+    except Exception as error:  # the job only writes (--overwrite deletes): not a reason to stop
+        log.warning("could not delete the write check %s: %s", shown_uri(probe), describe_error(error))
+    if created is not None:  # leave no empty folders behind (a dry run writes nothing)
+        folder = os.path.dirname(os.path.join(path, "probe"))
+        while True:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+            if folder == created:
+                break
+            folder = os.path.dirname(folder)

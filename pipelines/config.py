@@ -213,6 +213,13 @@ class JobConfig(StrictModel):
         description="Committed error rows a re-run redoes: the retryable ones (transient storage "
         "failures), all of them, or none.",
     )
+    max_error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="evf run exits 4 when more than this share of the rows it processed are errors "
+        "(0..1); null: only when every one of them is.",
+    )
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     storage_options: dict[str, Any] = Field(
         default_factory=dict,

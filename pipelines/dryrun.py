@@ -17,7 +17,7 @@ import numpy as np
 
 from evf.io import read_bytes
 from evf.manifest import read_rows, scan_manifest
-from evf.pipelines.commit import OutputLayout
+from evf.pipelines.commit import OutputLayout, check_output_writable
 from evf.pipelines.config import JobConfig
 from evf.pipelines.metadata import load_committed
 from evf.pipelines.read import READ_COLUMNS, CommittedIndex, InvalidRow, digests, grounding_id, parse_row
@@ -74,6 +74,7 @@ def dry_run(config: JobConfig) -> DryRun:
     """Count what a run of ``config`` would do (no Ray, no weights); see the module docstring."""
     config = config.resolved()
     storage = config.storage()
+    check_output_writable(config.output, storage)  # what the run would find first
     layout = OutputLayout(config.output)
     listing = tempfile.TemporaryDirectory(prefix="evf-dry-run-")  # an images job's rows, not in the output
     config = with_images_manifest(config, storage, os.path.join(listing.name, "images.parquet"))

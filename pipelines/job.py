@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from evf.checkpoints import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.config import ConfigError
 from evf.manifest import Manifest, ManifestError, scan_manifest
 from evf.parquet import read_parquet
-from evf.pipelines.commit import JobOutput, OutputLayout, clear_outputs
+from evf.pipelines.commit import JobOutput, OutputLayout, check_output_writable, clear_outputs
 from evf.pipelines.compact import AUTO_COMPACT_FILES, compact, drop_superseded
 from evf.pipelines.config import JobConfig
 from evf.pipelines.dataset import build_dataset, data_context, describe_reservations
@@ -121,9 +122,30 @@ def _check_resources(config: JobConfig) -> dict[str, float]:
     return {"CPU": cpus, "GPU": gpus}
 
 
+# An exception line of a traceback's text: "OSError: [Errno 30] Read-only file system: '/out'".
+_EXCEPTION_LINE = re.compile(
+    r"([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure|Timeout))(?:: (.*))?"
+)
+_RAY_WRAPPERS = frozenset({"RayTaskError", "UserCodeException"})  # Ray's, around the user's error
+
+
 def _cause(error: BaseException) -> str:
-    """The innermost useful message of a (possibly Ray-wrapped) exception, one line."""
-    cause = getattr(error, "cause", None) or error.__cause__ or error
+    """The innermost cause of a (possibly Ray-wrapped) exception, in one line (``"OSError: [Errno 30]
+    Read-only file system: '/out'"``, not Ray's advice on retries). A Ray task's error reaches the
+    driver with its causes only as traceback text, innermost first (``__cause__`` is lost on the
+    way): there the first exception line that is not Ray's wrapper is the innermost cause."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = getattr(link, "cause", None) or link.__cause__
+    for link in reversed(chain):
+        for line in str(link).splitlines():
+            match = _EXCEPTION_LINE.fullmatch(line.rstrip())
+            name = match.group(1).rsplit(".", 1)[-1] if match else ""
+            if match and name not in _RAY_WRAPPERS:
+                return f"{name}: {match.group(2)}" if match.group(2) else name
+    cause = chain[-1]
     text = str(cause).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), type(cause).__name__)
     return f"{type(cause).__name__}: {last}" if type(cause).__name__ not in last else last
@@ -272,6 +294,7 @@ def run_job(config: JobConfig) -> JobSummary:
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)) + "-" + uuid.uuid4().hex[:8]
     storage = config.storage()
+    check_output_writable(config.output, storage)  # before Ray, the model or the images listing
     config = with_images_manifest(config, storage)
     layout = OutputLayout(config.output)
     output = JobOutput(layout, storage, config.model, run_id)

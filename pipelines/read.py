@@ -41,6 +41,7 @@ from evf.request import (
     clean_value,
     merge_options,
     parse_request,
+    short_repr,
 )
 
 __all__ = [
@@ -178,7 +179,7 @@ def parse_row(
         key = request_key(repr(raw_url), prompt, options, model_id)
         return InvalidRow(rid, key, raw_url, prompt, raw[ROW_ERROR], file.name, index)
     if not isinstance(raw_url, str) or not raw_url.strip():
-        error = f"invalid request: image_url={raw_url!r}: must be a non-empty path or URI"
+        error = f"invalid request: image_url={short_repr(raw_url)}: must be a non-empty path or URI"
         key = request_key(repr(raw_url), prompt, options, model_id)
         return InvalidRow(rid, key, raw_url, prompt, error, file.name, index)
     image_url = resolve_url(raw_url.strip(), file.base)
