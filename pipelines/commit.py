@@ -266,8 +266,11 @@ def check_output_writable(root: str, storage: Storage) -> None:
     try:
         write_bytes(probe, b"evf write check\n", storage.options(probe), storage.retry)
     except ImageWriteError as error:
-        cause = describe_error(error.__cause__ or error, storage.options(root))
-        raise OutputError(f"output {shown!r} is not writable: {cause}") from None
+        cause = error.__cause__ or error
+        text = describe_error(cause, storage.options(root))
+        if isinstance(cause, FileNotFoundError) and not local and str(cause):  # "no such bucket"
+            text = describe_error(OSError(str(cause)), storage.options(root)).removeprefix("OSError: ")
+        raise OutputError(f"output {shown!r} is not writable: {text}") from None
     try:
         probe_fs, probe_path = open_filesystem(probe, storage.options(probe))
         probe_fs.rm_file(probe_path)

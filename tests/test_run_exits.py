@@ -148,8 +148,12 @@ def test_the_check_on_s3(s3_server, s3_bucket, monkeypatch) -> None:
     check_output_writable(f"s3://{bucket}/runs/out", storage)
     assert not s3_server.client().list_objects_v2(Bucket=bucket).get("Contents")  # the probe is deleted
     started = time.monotonic()
-    with pytest.raises(OutputError, match=f"output 's3://{bucket}-missing/out' is not writable: "):
+    with pytest.raises(OutputError) as info:
         check_output_writable(f"s3://{bucket}-missing/out", storage)
+    message = str(info.value)
+    assert (
+        message == f"output 's3://{bucket}-missing/out' is not writable: The specified bucket does not exist"
+    )
     assert time.monotonic() - started < 10
 
 
