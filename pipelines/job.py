@@ -38,6 +38,7 @@ from evf.pipelines.metadata import Committed, list_metadata_files, load_committe
 from evf.pipelines.native_stderr import filtered_native_stderr
 from evf.pipelines.progress import JobProgress, start_counters
 from evf.pipelines.read import CommittedIndex
+from evf.pipelines.sources import with_images_manifest
 from evf.pipelines.summary import JobSummary, RunRecord, summarize_run
 from evf.registry import CheckpointInfo, describe_checkpoint
 from evf.retry import call_with_retry
