@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,30 +27,17 @@ import numpy as np
 from evf.checkpoints import DEMO_MODEL_ID
 from evf.errors import UserError, error_text
 from evf.grounding import (
-    DEFAULT_BOX_THRESHOLD,
-    DEFAULT_TEXT_THRESHOLD,
     MISSING_DETECTOR,
     MissingDetectorError,
 )
 from evf.registry import CheckpointInfo, Item, ModelFamily, PreparedInputs, describe_checkpoint, families
 from evf.request import SegmentRequest
 from evf.result import RawMasks
-from evf.settings import ModelOptions, ModelSettings, resolve_device
+from evf.settings import GroundingSettings, ModelOptions, ModelSettings, resolve_device
 
-__all__ = ["GroundingSettings", "InferenceEngine", "RequestFailed", "UnsupportedRequestError"]
+__all__ = ["InferenceEngine", "RequestFailed", "UnsupportedRequestError"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GroundingSettings:
-    """GroundingDINO for ``use_grounding_dino`` requests: a checkpoint (None: such requests fail
-    with ``MISSING_DETECTOR``), its thresholds and the storage options of its URI."""
-
-    model: str | None = None
-    box_threshold: float = DEFAULT_BOX_THRESHOLD
-    text_threshold: float = DEFAULT_TEXT_THRESHOLD
-    storage_options: Mapping[str, Any] | None = None
 
 
 class UnsupportedRequestError(UserError, ValueError):

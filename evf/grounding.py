@@ -31,9 +31,8 @@ from torch import Tensor
 
 from evf.checkpoints import CheckpointError, CheckpointLayout, resolve_checkpoint
 from evf.errors import UserError
+from evf.settings import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 
-DEFAULT_BOX_THRESHOLD = 0.35
-DEFAULT_TEXT_THRESHOLD = 0.25
 DEFAULT_MAX_DETECTIONS = 100
 
 GROUNDING_LAYOUT = CheckpointLayout(

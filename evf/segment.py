@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from evf.checkpoints import DEMO_MODEL_WARNING
-from evf.engine import GroundingSettings, InferenceEngine
+from evf.engine import InferenceEngine
 from evf.grounding import MISSING_DETECTOR, GroundingDetector, MissingDetectorError
 from evf.io import ImageLike, as_rgb_array
 from evf.postprocess import binarize, compose_rgba, encode_rle, mask_stats, postprocess
 from evf.request import SegmentRequest, parse_request
 from evf.result import RawMasks, SegmentResult, below_bar
+from evf.settings import GroundingSettings
 
 __all__ = ["default_engine", "finish", "segment"]
 

@@ -7,14 +7,26 @@ defaults and the same allowed values. Importing this module loads neither torch 
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator
 
 from evf.checkpoints import DEMO_MODEL_ID
 from evf.config import StrictModel
 
-__all__ = ["DEVICE_RULE", "DTYPES", "MODES", "ModelOptions", "ModelSettings", "resolve_device"]
+__all__ = [
+    "DEFAULT_BOX_THRESHOLD",
+    "DEFAULT_TEXT_THRESHOLD",
+    "DEVICE_RULE",
+    "DTYPES",
+    "MODES",
+    "GroundingSettings",
+    "ModelOptions",
+    "ModelSettings",
+    "resolve_device",
+]
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Mode = Literal["multitask", "legacy"]
@@ -23,6 +35,10 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 MODES: tuple[str, ...] = get_args(Mode)
 """EVF-SAM2 inference paths (``evf.model.config.resolve_mode`` picks one when none is asked for)."""
 DEVICE_RULE = "allowed: auto, cpu, cuda, cuda:N"
+DEFAULT_BOX_THRESHOLD = 0.35
+"""GroundingDINO keeps boxes scoring above this (its authors' default)."""
+DEFAULT_TEXT_THRESHOLD = 0.25
+"""A prompt token names a GroundingDINO box when its probability is above this."""
 
 
 class ModelOptions(StrictModel):
@@ -72,3 +88,14 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class GroundingSettings:
+    """GroundingDINO for ``use_grounding_dino`` requests: a checkpoint (None: such requests fail
+    with ``evf.grounding.MISSING_DETECTOR``), its thresholds and the storage options of its URI."""
+
+    model: str | None = None
+    box_threshold: float = DEFAULT_BOX_THRESHOLD
+    text_threshold: float = DEFAULT_TEXT_THRESHOLD
+    storage_options: Mapping[str, Any] | None = None

@@ -26,10 +26,9 @@ from evf.config import (
     read_yaml_mapping,
     validate_config,
 )
-from evf.grounding import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
 from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from evf.settings import ModelOptions
+from evf.settings import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD, ModelOptions
 from evf.storage import Storage, display_url, redact
 
 __all__ = [

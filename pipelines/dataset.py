@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from evf.engine import GroundingSettings
 from evf.manifest import Manifest
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.config import JobConfig
@@ -18,6 +17,7 @@ from evf.pipelines.finish import FinishSettings, finish_batch
 from evf.pipelines.infer import InferenceSettings, InferenceStage
 from evf.pipelines.read import ReadSettings, grounding_id, make_datasource, task_ranges
 from evf.registry import CheckpointInfo
+from evf.settings import GroundingSettings
 
 __all__ = ["build_dataset", "data_context", "describe_reservations"]
 

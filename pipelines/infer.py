@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from evf.engine import GroundingSettings, InferenceEngine, RequestFailed
+from evf.engine import InferenceEngine, RequestFailed
 from evf.pipelines.rows import ImageUnit, JobRow, units_from_table, units_table
 from evf.pipelines.workers import release_memory
 from evf.registry import CheckpointInfo, Item, PreparedInputs
+from evf.settings import GroundingSettings
 from evf.storage import Storage
 
 __all__ = ["MODEL_ROWS", "NODE_PREFIX", "InferenceSettings", "InferenceStage"]

@@ -22,7 +22,6 @@ import pytest
 from conftest import rle_to_mask
 from test_pipeline_e2e import check_outputs
 
-from evf.engine import GroundingSettings
 from evf.manifest import scan_manifest
 from evf.pipelines.commit import (
     METADATA_SCHEMA,
@@ -42,6 +41,7 @@ from evf.pipelines.summary import JobSummary
 from evf.postprocess import postprocess
 from evf.registry import describe_checkpoint
 from evf.request import parse_request
+from evf.settings import GroundingSettings
 from evf.storage import Storage
 
 pytest.importorskip("transformers")
