@@ -32,7 +32,8 @@ EXIT_ROWS_FAILED = 4
 MANIFEST_HELP = """\
 inputs:
   --images SOURCE --prompt TEXT   a folder, glob or prefix of images; no manifest needed
-  --manifest URI                  Parquet: one file or a folder of *.parquet files, one row each:
+  --manifest URI                  Parquet, CSV or JSON Lines: one file, or a folder of *.parquet,
+                                  *.csv and *.jsonl files (kinds mixed); one row each:
     image_url   path or URI of the image (relative paths: from the manifest's folder)   required
     prompt      what to segment                                                          required
     id          the row's id (default: file name + row number); resume keys on it
@@ -54,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="job config YAML (default: the embedded configs/local.yaml: local Ray, CPU, demo model, "
         "the sample manifest)",
     )
-    parser.add_argument("--manifest", help="Parquet manifest: a file or a folder, any fsspec URI")
+    parser.add_argument(
+        "--manifest", help="Parquet, CSV or JSON Lines manifest: a file or a folder, any fsspec URI"
+    )
     parser.add_argument(
         "--images",
         help="instead of a manifest: a folder, a glob or a prefix (s3://bucket/imgs/) of images; every "

@@ -1,6 +1,7 @@
 """Files named by a folder, a glob or an object-store prefix, on any fsspec storage.
 
-``evf run --images SOURCE`` lists its images here, and a manifest folder its ``*.parquet`` files:
+``evf run --images SOURCE`` lists its images here, and a manifest folder its manifest files
+(``*.parquet``, ``*.csv``, ``*.jsonl``, ``*.ndjson``):
 
 - a folder or prefix (``./photos``, ``s3://bucket/imgs/``): every matching file below it, at any
   depth, hidden ones (``.x``, ``_x``) left out;

@@ -183,7 +183,10 @@ class GroundingConfig(StrictModel):
 class JobConfig(StrictModel):
     """A batch segmentation job. ``manifest`` and ``output`` are fsspec URIs or local paths."""
 
-    manifest: str = Field(description="Parquet manifest: one file or a folder of *.parquet files.")
+    manifest: str = Field(
+        description="Parquet, CSV or JSON Lines manifest: one file, or a folder of *.parquet, *.csv and "
+        "*.jsonl (*.ndjson) files."
+    )
     images: str | None = Field(
         default=None,
         description="Instead of a manifest: a folder, a glob or an object-store prefix of images; each "

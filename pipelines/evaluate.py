@@ -20,7 +20,8 @@ import numpy as np
 
 from evf.config import Overrides
 from evf.io import load_mask
-from evf.manifest import ManifestError, read_rows, resolve_url, row_id, scan_manifest
+from evf.manifest import read_rows, resolve_url, scan_manifest
+from evf.manifest_file import ManifestError, row_id
 from evf.metrics import EvalReport, RowResult, derive_kind, mask_counts
 from evf.pipelines.config import JobConfig, load_config
 from evf.pipelines.job import run_job

@@ -27,7 +27,8 @@ import numpy as np
 
 from evf.checkpoints import DEMO_MODEL_ID, DEMO_MODEL_WARNING
 from evf.config import ConfigError
-from evf.manifest import Manifest, ManifestError, scan_manifest
+from evf.manifest import Manifest, scan_manifest
+from evf.manifest_file import ManifestError
 from evf.parquet import read_parquet
 from evf.pipelines.commit import JobOutput, OutputLayout, check_output_writable, clear_outputs
 from evf.pipelines.compact import AUTO_COMPACT_FILES, compact, drop_superseded

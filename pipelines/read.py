@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from evf.manifest import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, read_rows, resolve_url, row_id
+from evf.manifest import read_rows, resolve_url
+from evf.manifest_file import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, row_id
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 from evf.request import (

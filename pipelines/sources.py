@@ -58,7 +58,7 @@ def default_output(source: str) -> str:
         root = root.rsplit("/", 1)[0] if "/" in root else "."
     root = root.rstrip("/") or "."
     stem, dot, suffix = root.rpartition(".")
-    if dot and "/" not in suffix and suffix.lower() in ("parquet", "csv", "jsonl", "json"):
+    if dot and "/" not in suffix and suffix.lower() in ("parquet", "csv", "jsonl", "ndjson", "json"):
         root = stem
     return f"{root}-evf" if root not in (".", "..") else f"{root}/evf-output"
 

@@ -76,6 +76,7 @@ def test_default_output_lies_beside_the_images() -> None:
     assert default_output("s3://bucket/imgs/") == "s3://bucket/imgs-evf"
     assert default_output(".") == "./evf-output"
     assert default_output("runs/mine.parquet") == "runs/mine-evf"
+    assert default_output("runs/mine.ndjson") == "runs/mine-evf"
 
 
 def test_a_folder_of_images_runs_and_resumes(ray_session, tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_truncated_png
 
-import evf.manifest
-from evf.manifest import ManifestError, read_rows, row_id, scan_manifest, text_value
+import evf.manifest_text
+from evf.manifest import read_rows, scan_manifest
+from evf.manifest_file import ManifestError, row_id
+from evf.manifest_text import text_value
 from evf.pipelines.config import DEFAULT_CONFIG, load_config
 from evf.pipelines.dryrun import dry_run
 from evf.pipelines.job import run_job
@@ -141,7 +143,7 @@ def _write_csv(path: Path, rows: int) -> list[str]:
 def test_scan_of_a_csv_gives_the_ids_and_rows_read_rows_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    monkeypatch.setattr(evf.manifest, "TEXT_CHUNK_BYTES", chunk)  # 500: many chunks, values across cuts
+    monkeypatch.setattr(evf.manifest_text, "TEXT_CHUNK_BYTES", chunk)  # 500: many chunks, values across cuts
     ids = _write_csv(tmp_path / "m.csv", 1000)
     manifest = scan_manifest(str(tmp_path / "m.csv"))
     assert manifest.num_rows == 1000 and manifest.ids.to_pylist() == ids
@@ -159,7 +161,7 @@ def test_scan_of_a_csv_gives_the_ids_and_rows_read_rows_gives(
 
 def test_a_chunk_never_ends_inside_a_quoted_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Stray quotes in unquoted fields (27" monitor) upset a count of quotes; values span lines.
-    monkeypatch.setattr(evf.manifest, "TEXT_CHUNK_BYTES", 300)
+    monkeypatch.setattr(evf.manifest_text, "TEXT_CHUNK_BYTES", 300)
     prompts = [
         f"two\nlines {i}" if i % 5 == 2 else f'27" monitor {i}' if i % 50 == 1 else f"thing {i}"
         for i in range(1000)
@@ -176,7 +178,7 @@ def test_a_chunk_never_ends_inside_a_quoted_value(tmp_path: Path, monkeypatch: p
 def test_malformed_csv_and_jsonl_name_the_file_and_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(evf.manifest, "TEXT_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(evf.manifest_text, "TEXT_CHUNK_BYTES", 4096)
     _write_csv(tmp_path / "m.csv", 1000)
     lines = (tmp_path / "m.csv").read_text().split("\n")
     bad = len(lines) - 100  # a line of one of the last chunks

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from evf.config import ConfigError
 from evf.io import encode_png
-from evf.manifest import ManifestError, resolve_url, scan_manifest
+from evf.manifest import resolve_url, scan_manifest
+from evf.manifest_file import ManifestError
 from evf.pipelines.commit import METADATA_SCHEMA, JobOutput, OutputLayout, write_metadata
 from evf.pipelines.config import DEFAULT_CONFIG, SAMPLE_MANIFEST, SAMPLE_MANIFEST_ID, load_config
 from evf.pipelines.decode import DecodeSettings, decode_batch
