@@ -24,7 +24,7 @@ __all__ = ["SUBCOMMANDS", "CommandFailed", "add_overrides_argument", "build_pars
 # subcommand -> (module holding add_arguments/command, one-line help)
 SUBCOMMANDS = {
     "segment": ("evf.cli.segment", "segment one image from a text prompt (fal-ai/evf-sam options)"),
-    "run": ("evf.cli.run", "run a batch job: Parquet manifest in, masks + metadata out (Ray Data)"),
+    "run": ("evf.cli.run", "run a batch job: images or a manifest in, masks + metadata out (Ray Data)"),
     "eval": ("evf.cli.eval", "mean IoU / cIoU of a model over a manifest with ground-truth masks"),
     "synth": ("evf.cli.synth", "write a synthetic referring-segmentation dataset with ground truth"),
     "train": ("evf.cli.train", "train or fine-tune an EVF-SAM2 model"),

@@ -14,7 +14,9 @@ from evf.cli import CommandFailed, add_overrides_argument
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--manifest", required=True, help="Parquet manifest with a mask_url column (ground truth)"
+        "--manifest",
+        required=True,
+        help="manifest (Parquet, CSV or JSON Lines) with a mask_url column (ground truth)",
     )
     parser.add_argument(
         "--model", help="checkpoint: evf-sam2-demo, a Hub id, a folder or s3://... (default: the config's)"
