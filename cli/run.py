@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint: evf-sam2-demo, a Hub id (YxZhang/evf-sam2-multitask), a folder or s3://...",
     )
     parser.add_argument("--overwrite", action="store_true", default=None, help="redo every row")
+    parser.add_argument(
+        "--overlays",
+        action="store_true",
+        default=None,
+        help="also write overlays/<name>.jpg: each mask drawn over its image (overlays)",
+    )
     retry = parser.add_mutually_exclusive_group()
     retry.add_argument(
         "--retry-errors",
@@ -172,6 +178,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "output": _output(args),
         "model": args.model,
         "overwrite": args.overwrite,
+        "overlays": args.overlays,
         "retry_errors": "none" if args.no_retry_errors else args.retry_errors,
         "max_error_rate": args.max_error_rate,
         "inference.actors": args.actors,

@@ -40,6 +40,7 @@ __all__ = [
     "ImageWriteError",
     "as_rgb_array",
     "decode_image",
+    "encode_jpeg",
     "encode_png",
     "load_image",
     "load_mask",
@@ -322,9 +323,25 @@ def encode_png(array: np.ndarray) -> bytes:
     Channel order is RGB(A) as everywhere in this package (the BGR swap for OpenCV happens here).
     Raises ``TypeError`` for other dtypes and ``ValueError`` for other shapes.
     """
+    return _encode(array, ".png", "encode_png")
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    """JPEG bytes for an HxW (grayscale), HxWx1 or HxWx3 (RGB) ``uint8`` array.
+
+    A JPEG holds no alpha channel: an HxWx4 array is a ``ValueError`` (flatten it first, or write a
+    PNG). Raises ``TypeError`` for other dtypes and ``ValueError`` for other shapes.
+    """
+    if np.ndim(array) == 3 and np.shape(array)[2] == 4:
+        raise ValueError("a JPEG cannot hold an alpha channel (RGBA): write a PNG")
+    return _encode(array, ".jpg", "encode_jpeg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+
+
+def _encode(array: np.ndarray, suffix: str, name: str, params: list[int] | None = None) -> bytes:
+    """``array`` (RGB(A) channel order) encoded by OpenCV as ``suffix``; ``name`` is the caller's."""
     array = np.asarray(array)
     if array.dtype != np.uint8:
-        raise TypeError(f"encode_png needs a uint8 array, got {array.dtype}")
+        raise TypeError(f"{name} needs a uint8 array, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim == 2:
@@ -334,10 +351,10 @@ def encode_png(array: np.ndarray) -> bytes:
     elif array.ndim == 3 and array.shape[2] == 4:
         pixels = cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGBA2BGRA)
     else:
-        raise ValueError(f"encode_png needs an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
+        raise ValueError(f"{name} needs an HxW, HxWx3 or HxWx4 array, got shape {array.shape}")
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise ValueError(f"encode_png cannot encode an empty image (shape {array.shape})")
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels))
+        raise ValueError(f"{name} cannot encode an empty image (shape {array.shape})")
+    ok, encoded = cv2.imencode(suffix, np.ascontiguousarray(pixels), params or [])
     if not ok:
-        raise ValueError(f"PNG encoding failed for an array of shape {array.shape}")
+        raise ValueError(f"{suffix[1:].upper()} encoding failed for an array of shape {array.shape}")
     return encoded.tobytes()

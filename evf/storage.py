@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 import fsspec.core
@@ -30,6 +30,7 @@ __all__ = [
     "redact",
     "shown_uri",
     "storage_options_for",
+    "uri_name",
     "uri_protocol",
 ]
 
@@ -52,6 +53,24 @@ def uri_protocol(uri: str) -> str:
         # No scheme, or a Windows drive letter such as C://...
         return ""
     return scheme.lower()
+
+
+def uri_name(uri: str) -> str:
+    """The last path segment of a local path or URI, what a person calls the file:
+    ``s3://b/shots/cat.jpg`` -> ``cat.jpg``; an http(s) URL's query left out and its escapes decoded;
+    a shard member's own name (``tar://a/key.jpg::s3://b/x.tar`` -> ``key.jpg``); ``""`` for a
+    ``data:`` URI."""
+    if uri_protocol(uri) == "data":
+        return ""
+    uri = uri.split("::", 1)[0]
+    protocol = uri_protocol(uri)
+    if protocol in ("http", "https"):
+        path = unquote(urlsplit(uri).path)
+    elif protocol:
+        path = uri.partition("://")[2]
+    else:
+        path = uri.replace(os.sep, "/")
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def container_uri(uri: str) -> str:

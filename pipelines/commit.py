@@ -2,11 +2,16 @@
 
 Under the output URI::
 
-    masks/<key>.png                  the mask (or the RGBA image when mask_only is false)
+    masks/<name>.png                 the mask (or the RGBA image when mask_only is false)
+    overlays/<name>.jpg              the mask drawn over its image (``overlays: true`` only)
     metadata/part-<hash>.parquet     one file per committed batch (the commit record)
     metadata/compact-<hash>.parquet  many part files merged by ``evf.pipelines.compact``
     _job.json                        config used, counts and timings of the last run
     runs/<run_id>.json               the same record for every run
+
+``<name>`` is the row's ``key`` (``mask_name: key``, the default) or its id made safe as a path
+(``mask_name: id``, :func:`id_name`); :meth:`OutputLayout.mask_uri` is the one rule, and the
+metadata's ``mask_url`` records where each mask went.
 
 A row is *committed* once its metadata row exists. A batch's masks are written first and its
 metadata file after them, in one object (atomic on object stores; temp file + rename locally), so a
@@ -22,11 +27,12 @@ import hashlib
 import io
 import logging
 import os
+import string
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +55,7 @@ __all__ = [
     "OutputLayout",
     "check_output_writable",
     "clear_outputs",
+    "id_name",
     "metadata_table",
     "write_metadata",
 ]
@@ -91,15 +98,86 @@ rows that share them); ``run_id`` the run that computed the row. Option columns 
 made it so (``min_score``/``min_area``). ``presence_logit``: SAM 2's object-presence logit."""
 
 
+_SAFE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "._-")
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))]
+)
+_OUTPUT_SUFFIXES = (".png", ".jpg")  # a file's suffix never ends a folder's name
+MAX_NAME_SEGMENT = 150
+"""Longest path segment :func:`id_name` keeps (file systems allow 255 bytes, with the suffixes)."""
+MAX_NAME = 600
+"""Longest name :func:`id_name` keeps (S3 keys hold 1024 bytes, the output's prefix included)."""
+_CLIPPED_NAME = 100  # the readable part kept of a name that is too long
+_HASH_MARK = "~"  # never in an encoded id (escaped as %7E), so a hashed name never equals a plain one
+
+
+def _escape(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9._-]`` percent-encoded (its UTF-8 bytes)."""
+    return "".join(
+        c if c in _SAFE_CHARACTERS else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in text
+    )
+
+
+def _safe_segment(text: str, last: bool) -> str:
+    """One ``/``-separated part of an id as a path segment any file system or object store takes."""
+    segment = _escape(text)
+    if segment in (".", ".."):
+        return segment.replace(".", "%2E")
+    if segment.endswith("."):  # Windows drops a trailing dot
+        segment = segment[:-1] + "%2E"
+    if segment.split(".", 1)[0].upper() in _WINDOWS_DEVICES:  # CON, NUL.txt, com1...: device names
+        segment = f"%{ord(segment[0]):02X}{segment[1:]}"
+    if not last and segment.lower().endswith(_OUTPUT_SUFFIXES):  # folder "a.png/" beside file "a.png"
+        segment = f"{segment[:-4]}%2E{segment[-3:]}"
+    return segment
+
+
+def id_name(row_id: str) -> str:
+    """A row's id as the relative name of its outputs (``masks/<name>.png``), safe and one-to-one.
+
+    ``/`` separates folders where both sides are non-empty; every character outside
+    ``[A-Za-z0-9._-]`` is percent-encoded (so is a ``/`` that would make an absolute path or an empty
+    segment), ``.`` and ``..`` segments, trailing dots and Windows device names (``CON``) are encoded
+    too: the name always stays under its folder, and percent-decoding it gives the id back. Two ids
+    never share a name, also on case-insensitive file systems: an id with an upper-case letter gets
+    ``~`` and 16 hex digits of its SHA-256; so does a name too long for file systems (a segment over
+    ``MAX_NAME_SEGMENT`` or a name over ``MAX_NAME`` characters), kept to its first 100 characters.
+    """
+    parts = row_id.split("/")
+    pieces: list[str] = []
+    for index, part in enumerate(parts):
+        if index:
+            pieces.append("/" if parts[index - 1] and part else "%2F")
+        pieces.append(_safe_segment(part, last=index == len(parts) - 1))
+    name = "".join(pieces)
+    too_long = len(name) > MAX_NAME or any(len(s) > MAX_NAME_SEGMENT for s in name.split("/"))
+    if not too_long and name and not any(c in string.ascii_uppercase for c in row_id):
+        return name
+    if too_long:
+        name = name.replace("/", "%2F")[:_CLIPPED_NAME]
+        escape = name.rfind("%", len(name) - 2)
+        name = name[:escape] if escape >= 0 else name  # never half an escape
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{name}{_HASH_MARK}{digest}"
+
+
 @dataclass(frozen=True)
 class OutputLayout:
-    """Where a job's outputs go under ``root``."""
+    """Where a job's outputs go under ``root``. ``mask_name``: a row's outputs are named by its
+    ``key`` or its ``id`` (:func:`id_name`); ``overlays``: the job also writes ``overlays/``."""
 
     root: str
+    mask_name: Literal["key", "id"] = "key"
+    overlays: bool = False
 
     @property
     def masks(self) -> str:
         return join_uri(self.root, "masks")
+
+    @property
+    def overlay_folder(self) -> str:
+        return join_uri(self.root, "overlays")
 
     @property
     def metadata(self) -> str:
@@ -112,8 +190,17 @@ class OutputLayout:
     def run_json(self, run_id: str) -> str:
         return join_uri(self.root, "runs", f"{run_id}.json")
 
-    def mask_uri(self, key: str) -> str:
-        return join_uri(self.root, "masks", f"{key}.png")
+    def output_name(self, key: str, row_id: str) -> str:
+        """The relative name of a row's outputs (no suffix): its key, or its id made safe."""
+        return key if self.mask_name == "key" else id_name(row_id)
+
+    def mask_uri(self, key: str, row_id: str) -> str:
+        """Where a row's mask goes: ``masks/<name>.png`` (the one rule; ``mask_url`` records it)."""
+        return join_uri(self.root, "masks", f"{self.output_name(key, row_id)}.png")
+
+    def overlay_uri(self, key: str, row_id: str) -> str:
+        """Where a row's overlay goes: ``overlays/<name>.jpg``, the mask's name."""
+        return join_uri(self.root, "overlays", f"{self.output_name(key, row_id)}.jpg")
 
     def metadata_uri(self, ids: Iterable[str]) -> str:
         digest = hashlib.sha256("\n".join(sorted(ids)).encode("utf-8")).hexdigest()[:24]
@@ -163,7 +250,7 @@ class JobOutput:
         return {
             **self._row(row, record.pop("status"), None),
             **record,
-            "mask_url": self.layout.mask_uri(row.key),
+            "mask_url": self.layout.mask_uri(row.key, row.id),
             "instances": row.instances,
         }
 
@@ -217,8 +304,10 @@ def write_metadata(
 
 
 def clear_outputs(layout: OutputLayout, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete ``metadata/`` (the commit records first), then ``masks/``, ``_job.json`` and ``runs/``."""
-    for uri in (layout.metadata, layout.masks, layout.job_json, join_uri(layout.root, "runs")):
+    """Delete ``metadata/`` (the commit records first), then ``masks/``, ``overlays/``, ``_job.json``
+    and ``runs/``."""
+    folders = (layout.masks, layout.overlay_folder, layout.job_json, join_uri(layout.root, "runs"))
+    for uri in (layout.metadata, *folders):
         fs, path = open_filesystem(uri, storage_options)
         if hasattr(fs, "invalidate_cache"):
             fs.invalidate_cache()

@@ -197,6 +197,17 @@ class JobConfig(StrictModel):
         description="With images: the prompts asked of every image (one row per image and prompt).",
     )
     output: str = Field(description="Output root: masks/, metadata/ and _job.json go under it.")
+    mask_name: Literal["key", "id"] = Field(
+        default="key",
+        description="How masks (and overlays) are named: masks/<key>.png (a hash of the request) or "
+        "masks/<id>.png (the row's id, made safe as a path: other characters percent-encoded, a "
+        "hash suffix for ids with capitals or too long). The metadata's mask_url says where each "
+        "mask is either way; resume keys on key. With id, a changed row rewrites the same file.",
+    )
+    overlays: bool = Field(
+        default=False,
+        description="Also write overlays/<name>.jpg, each ok or empty row's mask drawn over its image.",
+    )
     model: str = Field(
         default="evf-sam2-demo", description="Checkpoint: folder, fsspec URI, Hub id or evf-sam2-demo."
     )

@@ -60,7 +60,8 @@ def decode_batch(table: pa.Table, *, settings: DecodeSettings) -> pa.Table:
         share = (fetch_ms + (time.perf_counter() - t0) * 1000) / len(rows)
         for row in rows:
             row.elapsed_ms += share
-        units.append(ImageUnit.prepared(url, image, prepared, rows))
+        keep_image = settings.output.layout.overlays  # the finish stage draws each mask over it
+        units.append(ImageUnit.prepared(url, image, prepared, rows, keep_image))
     settings.output.commit(failed)
     result = units_table(units)
     del units, fetched

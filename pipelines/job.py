@@ -298,7 +298,7 @@ def run_job(config: JobConfig) -> JobSummary:
     storage = config.storage()
     check_output_writable(config.output, storage)  # before Ray, the model or the images listing
     config = with_images_manifest(config, storage)
-    layout = OutputLayout(config.output)
+    layout = OutputLayout(config.output, config.mask_name, config.overlays)
     output = JobOutput(layout, storage, config.model, run_id)
     record = RunRecord(
         run_id,

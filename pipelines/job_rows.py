@@ -21,12 +21,14 @@ from evf.errors import UserError
 from evf.io import read_bytes
 from evf.manifest import read_rows, resolve_url, scan_manifest
 from evf.pipelines.metadata import read_metadata
+from evf.storage import uri_name
 
 __all__ = [
     "CategoryError",
     "OutputRowsError",
     "attach_manifest_columns",
     "category_names",
+    "image_name",
     "load_category_map",
     "read_job_rows",
 ]
@@ -93,6 +95,14 @@ def attach_manifest_columns(
         entry = values.get((row["manifest_file"], row["manifest_row"]), {})
         for target in columns:
             row[target] = entry.get(target)
+
+
+def image_name(row: Mapping[str, Any]) -> str:
+    """What a person calls a row's image: the last path segment of its ``image_url``
+    (``evf.storage.uri_name``: ``s3://b/shots/cat.jpg`` -> ``cat.jpg``), or the row's id when the
+    image has no such name (a ``data:`` URI, an invalid row without a URL)."""
+    url = row.get("image_url")
+    return (uri_name(url) if isinstance(url, str) else "") or str(row.get("id") or "")
 
 
 def load_category_map(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from evf.errors import error_kind
 from evf.io import load_image, load_mask, write_bytes
 from evf.overlay import outline, paint_mask
-from evf.pipelines.job_rows import OutputRowsError, attach_manifest_columns, read_job_rows
+from evf.pipelines.job_rows import OutputRowsError, attach_manifest_columns, image_name, read_job_rows
 from evf.postprocess import decode_rle
 from evf.storage import join_uri
 
@@ -48,7 +48,18 @@ __all__ = ["PAGE_SIZE", "review_rows", "thumbnail", "write_review"]
 PAGE_SIZE = 200
 HISTOGRAM_BINS = 20
 GROUND_TRUTH_RGB = (0, 255, 255)
-ROW_COLUMNS = ("id", "thumb", "prompt", "negative_prompt", "status", "score", "area", "error", "reason")
+ROW_COLUMNS = (
+    "id",
+    "name",
+    "thumb",
+    "prompt",
+    "negative_prompt",
+    "status",
+    "score",
+    "area",
+    "error",
+    "reason",
+)
 
 
 def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -141,7 +152,8 @@ def _plain_score(score: float | None) -> float | None:
 
 
 def review_rows(rows: Sequence[Mapping[str, Any]], thumbs: Mapping[str, str]) -> dict[str, Any]:
-    """The page's data: ``columns``, ``rows`` (one list per row, in ``ROW_COLUMNS`` order),
+    """The page's data: ``columns``, ``rows`` (one list per row, in ``ROW_COLUMNS`` order; ``name``
+    is the image's file name, ``evf.pipelines.job_rows.image_name``, the card's title),
     ``status_counts``, ``error_kinds`` ([kind, count], most frequent first), ``score_histogram``
     (``HISTOGRAM_BINS`` counts over [0, 1] of the ok and empty rows' scores) and ``page_size``."""
     statuses = Counter(r["status"] for r in rows)
@@ -153,6 +165,7 @@ def review_rows(rows: Sequence[Mapping[str, Any]], thumbs: Mapping[str, str]) ->
     table = [
         [
             row["id"],
+            image_name(row),
             thumbs.get(row["id"]),
             row["prompt"],
             row["negative_prompt"],

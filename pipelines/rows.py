@@ -100,7 +100,7 @@ UNIT_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("inputs", pa.list_(ARRAY_TYPE)),  # the family's prepared inputs (PreparedInputs.arrays())
-        ("image", pa.large_binary()),  # HxWx3 uint8, only when a row needs it (RGBA output, GroundingDINO)
+        ("image", pa.large_binary()),  # HxWx3 uint8, only when needed (RGBA output, GroundingDINO, overlays)
         ("masks", pa.large_binary()),  # after the model: packed bool (mask_count, H, W)
         ("mask_count", pa.int32()),
         ("rows", pa.list_(ROW_TYPE)),
@@ -133,7 +133,9 @@ class JobRow:
 
     @property
     def needs_image(self) -> bool:
-        """Whether the model or finish stage needs the original pixels (RGBA output, GroundingDINO)."""
+        """Whether the model or finish stage needs the original pixels for this row's request (RGBA
+        output, GroundingDINO); a job writing overlays needs them for every row
+        (``ImageUnit.prepared(keep_image=True)``)."""
         return not self.request.mask_only or self.request.use_grounding_dino
 
     def to_arrow(self) -> dict[str, Any]:
@@ -176,9 +178,15 @@ class ImageUnit:
 
     @classmethod
     def prepared(
-        cls, image_url: str, image: np.ndarray, prepared: PreparedInputs, rows: list[JobRow]
+        cls,
+        image_url: str,
+        image: np.ndarray,
+        prepared: PreparedInputs,
+        rows: list[JobRow],
+        keep_image: bool = False,
     ) -> ImageUnit:
-        """A unit from a decoded HxWx3 uint8 image and its family's prepared inputs."""
+        """A unit from a decoded HxWx3 uint8 image and its family's prepared inputs. The pixels go
+        along when a row needs them, or always with ``keep_image`` (the job writes overlays)."""
         inputs = []
         for name, array in prepared.arrays().items():
             data = np.ascontiguousarray(array)
@@ -191,7 +199,7 @@ class ImageUnit:
             height=int(image.shape[0]),
             rows=rows,
             inputs=inputs,
-            image=image.tobytes() if any(row.needs_image for row in rows) else None,
+            image=image.tobytes() if keep_image or any(row.needs_image for row in rows) else None,
         )
 
     def prepared_inputs(self, family: type[ModelFamily]) -> PreparedInputs:
