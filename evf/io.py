@@ -116,7 +116,8 @@ def read_bytes(
     uri: str, storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> bytes:
     """All bytes behind ``uri``: a local path, ``file://``, any fsspec URL (``s3://``, ``gs://``,
-    ``memory://``, ``https://``...) or an RFC 2397 ``data:`` URI (base64 or percent-encoded).
+    ``memory://``, ``https://``...), an RFC 2397 ``data:`` URI (base64 or percent-encoded), or an
+    image a Parquet manifest holds (``<file>#row=<index>&column=<name>``, ``evf.manifest``).
 
     Transient faults are retried as ``retry`` says (default :data:`evf.retry.DEFAULT_RETRY_POLICY`).
     Raises :class:`ImageReadError` naming the URI and the cause, e.g.
@@ -128,9 +129,23 @@ def read_bytes(
     try:
         if uri_protocol(uri) == "data":
             return _parse_data_uri(uri)
-        return call_with_retry(retry, _read_once, uri, storage_options, retry)
+        image = _embedded_image(uri, storage_options, retry) if "#row=" in uri else None
+        if image is None:
+            return call_with_retry(retry, _read_once, uri, storage_options, retry)
     except Exception as error:
         raise _storage_error(ImageReadError, "read", uri, error, storage_options) from error
+    return image if isinstance(image, bytes) else read_bytes(image, storage_options, retry)
+
+
+def _embedded_image(
+    uri: str, storage_options: Mapping[str, Any] | None, retry: RetryPolicy | None
+) -> bytes | str | None:
+    """The image a manifest row holds (``evf.manifest.embedded_image_url``), None for other URIs."""
+    from evf.manifest import EMBEDDED_IMAGE, read_embedded_image  # pyarrow: only for these URIs
+
+    if not EMBEDDED_IMAGE.match(uri):
+        return None
+    return call_with_retry(retry, read_embedded_image, uri, storage_options)
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:

@@ -10,6 +10,10 @@ given. Columns:
 - ``image_url`` (required): local path, fsspec URI or ``data:`` URI. A relative path is resolved
   against the folder of the manifest file that holds the row (so a manifest can ship with its images);
   so is ``mask_url`` (ground truth, read by ``evf eval`` and ``evf train``).
+  Or, in a Parquet file, ``image``: the image itself, as bytes or as Hugging Face ``datasets``'
+  struct{bytes, path} (``Image()`` features written by ``to_parquet``); the row's ``image_url`` is then
+  ``<file URI>#row=<index>`` (``embedded_image_url``). An ``image`` column of text is read as
+  ``image_url``.
 - ``prompt`` (required).
 - ``id`` (optional): unique per row. Where the column is absent, or a row's id is null/empty, the id is
   derived from the row's position: ``"<file name>:<row index>"`` (file name relative to the manifest
@@ -28,10 +32,12 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,6 +45,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from evf.manifest_file import (
     ID_COLUMN,
+    IMAGE_COLUMN,
     ROW_ERROR,
     ManifestError,
     ManifestFile,
@@ -54,7 +61,10 @@ from evf.storage import display_url, join_uri, open_filesystem, uri_protocol
 __all__ = [
     "MANIFEST_SUFFIXES",
     "Manifest",
+    "embedded_image_url",
     "manifest_format",
+    "read_embedded_image",
+    "read_embedded_images",
     "read_rows",
     "resolve_url",
     "scan_manifest",
@@ -188,12 +198,16 @@ def _scan_parquet(
     handle: Any, uri: str, name: str, mapping: Mapping[str, str], shown: str
 ) -> tuple[ManifestFile, pa.Array]:
     parquet = open_parquet(handle)
-    columns, renamed = job_columns(tuple(parquet.schema_arrow.names), mapping, shown)
+    schema = parquet.schema_arrow
+    types = {field.name: field.type for field in schema}
+    columns, renamed, embedded = job_columns(tuple(schema.names), mapping, shown, types)
     metadata = parquet.metadata
     row_groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     id_name = dict(renamed).get(ID_COLUMN, ID_COLUMN)
     id_column = parquet.read(columns=[id_name], use_threads=False).column(0) if ID_COLUMN in columns else None
-    file = ManifestFile(uri, name, parent_folder(uri), metadata.num_rows, columns, row_groups, renamed)
+    file = ManifestFile(
+        uri, name, parent_folder(uri), metadata.num_rows, columns, row_groups, renamed, embedded=embedded
+    )
     return file, id_strings(id_column, name, metadata.num_rows)
 
 
@@ -252,7 +266,85 @@ def read_rows(
                 continue
             for index, row in enumerate(decoded_rows(table, file.name, begin + lo)):
                 row["_row"] = begin + lo + index
+                if file.embedded:
+                    row["image_url"] = embedded_image_url(file, begin + lo + index)
                 yield row
+
+
+EMBEDDED_IMAGE = re.compile(r"^(?P<file>.+)#row=(?P<row>\d+)&column=(?P<column>[^&#]+)$")
+"""An ``embedded_image_url``: the manifest file's URI, the row's index in it and the image column."""
+
+
+def embedded_image_url(file: ManifestFile, index: int) -> str:
+    """The ``image_url`` of row ``index`` of a file that embeds its images,
+    ``<file URI>#row=<index>&column=<column>``: the image's identity in keys, metadata and exports,
+    which ``evf.io.read_bytes`` reads (``read_embedded_image``)."""
+    return f"{file.uri}#row={index}&column={file.source_column(IMAGE_COLUMN)}"
+
+
+def read_embedded_image(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes | str:
+    """The image an ``embedded_image_url`` names: its bytes, or the path a Hugging Face struct holds
+    instead (see ``read_embedded_images``). Reads one row group of one column."""
+    match = EMBEDDED_IMAGE.match(url)
+    if match is None:
+        raise ValueError(f"not an embedded image's URL: {url!r}")
+    uri, index, column = match["file"], int(match["row"]), match["column"]
+    fs, path = open_filesystem(uri, storage_options)
+    with fs.open(path, "rb") as handle:
+        parquet = open_parquet(handle)
+        starts = np.cumsum(
+            [0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+        )
+        if not 0 <= index < starts[-1]:
+            raise ValueError(f"{url!r}: the file has {starts[-1]} rows")
+        group = int(np.searchsorted(starts, index, side="right") - 1)
+        value = parquet.read_row_group(group, columns=[column], use_threads=False).column(0)[
+            index - starts[group]
+        ]
+    image = _embedded_image(value.as_py(), posixpath.basename(path), parent_folder(uri), column, index)
+    if isinstance(image, Exception):
+        raise image
+    return image
+
+
+def read_embedded_images(
+    file: ManifestFile, indices: Sequence[int], storage_options: Mapping[str, Any] | None = None
+) -> list[bytes | str | Exception]:
+    """The images of rows ``indices`` (ascending) of a file that embeds them, read row group by row
+    group: the image's bytes, or where a Hugging Face struct holds only a ``path`` (``datasets``
+    writes no bytes for images it loaded from files), that path resolved like an ``image_url``. A
+    row with neither, or in a row group that cannot be read, gets the error."""
+    source = file.source_column(IMAGE_COLUMN)
+    found: list[bytes | str | Exception] = []
+    fs, path = open_filesystem(file.uri, storage_options)
+    with fs.open(path, "rb") as handle:
+        parquet = open_parquet(handle)
+        starts = np.cumsum((0, *file.row_groups))
+        groups = np.searchsorted(starts, indices, side="right") - 1
+        for group in dict.fromkeys(groups.tolist()):
+            wanted = [i for i, g in zip(indices, groups, strict=True) if g == group]
+            try:
+                column = parquet.read_row_group(group, columns=[source], use_threads=False).column(0)
+                values = column.take(pa.array([i - starts[group] for i in wanted])).to_pylist()
+            except Exception as error:
+                found += [error] * len(wanted)
+                continue
+            found += [
+                _embedded_image(v, file.name, file.base, source, i)
+                for i, v in zip(wanted, values, strict=True)
+            ]
+    return found
+
+
+def _embedded_image(value: Any, name: str, base: str, source: str, index: int) -> bytes | str | Exception:
+    if isinstance(value, dict):  # Hugging Face's struct{bytes, path}
+        if value.get("bytes"):
+            return value["bytes"]
+        if isinstance(value.get("path"), str) and value["path"].strip():
+            return resolve_url(value["path"].strip(), base)
+    elif value:
+        return value
+    return ManifestError(f"manifest file {name!r} row {index}: column {source!r} holds no image")
 
 
 def _unreadable_rows(

@@ -19,6 +19,7 @@ from evf.storage import uri_protocol
 
 __all__ = [
     "ID_COLUMN",
+    "IMAGE_COLUMN",
     "REQUIRED_COLUMNS",
     "ROW_ERROR",
     "ManifestError",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("image_url", "prompt")
+IMAGE_COLUMN = "image"
+"""Where a file has no ``image_url``: the image itself in a Parquet file (a binary column, or Hugging
+Face ``datasets``' struct{bytes, path}); a column of text under this name is read as ``image_url``."""
 ID_COLUMN = "id"
 ROW_ERROR = "_error"
 """Key of a row read by ``read_rows`` whose bytes could not be read or decoded (the message)."""
@@ -66,6 +70,7 @@ class ManifestFile:
     offsets: tuple[int, ...] = ()
     lines: tuple[int, ...] = ()
     header: tuple[str, ...] = ()
+    embedded: bool = False  # the file holds its images (``IMAGE_COLUMN``), not their URLs
 
     def source_column(self, name: str) -> str:
         """The file's own name of the column the job calls ``name``."""
@@ -81,22 +86,51 @@ def parent_folder(uri: str) -> str:
 
 
 def job_columns(
-    own: Sequence[str], mapping: Mapping[str, str], shown: str
-) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """(the file's columns under the job's names, the renamed ones); ``ManifestError`` when a
-    required column is missing."""
+    own: Sequence[str], mapping: Mapping[str, str], shown: str, types: Mapping[str, pa.DataType] | None = None
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], bool]:
+    """(the file's columns under the job's names, the renamed ones, whether the file embeds its
+    images); ``ManifestError`` when a required column is missing. ``types``: a Parquet file's column
+    types, which tell embedded images (``IMAGE_COLUMN``) from text."""
     renamed = tuple((ours, theirs) for ours, theirs in mapping.items() if theirs in own)
     taken = {theirs for _, theirs in renamed}
     columns = tuple(ours for ours, _ in renamed) + tuple(c for c in own if c not in taken)
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    embedded = False
+    if "image_url" not in columns and IMAGE_COLUMN in columns:
+        source = dict(renamed).get(IMAGE_COLUMN, IMAGE_COLUMN)
+        embedded = _holds_images((types or {}).get(source), source, shown)
+        if not embedded:  # text: the image's path or URI under another name
+            renamed = tuple(r for r in renamed if r[0] != IMAGE_COLUMN) + (("image_url", source),)
+            columns = tuple("image_url" if c == IMAGE_COLUMN else c for c in columns)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "image_url" and embedded)]
     if missing:
         wanted = [f"{c} (mapped to {mapping[c]!r})" if c in mapping else c for c in missing]
+        wanted = [f"{w} (or {IMAGE_COLUMN}: the image's bytes)" if w == "image_url" else w for w in wanted]
         raise ManifestError(
             f"manifest file {shown!r} lacks required column(s) {', '.join(wanted)} "
             f"(it has: {', '.join(own) or 'none'}); map other names with the job's "
-            "columns setting, e.g. --columns image_url=url,prompt=caption"
+            "columns setting, e.g. --columns image_url=url,prompt=caption or --columns image=img"
         )
-    return columns, renamed
+    return columns, renamed, embedded
+
+
+def _holds_images(kind: pa.DataType | None, source: str, shown: str) -> bool:
+    """Whether a column of this type holds images (True) or their URLs as text (False)."""
+    if kind is None or pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return False
+    if _is_image_bytes(kind):
+        return True
+    raise ManifestError(
+        f"manifest file {shown!r}: column {source!r} holds {kind}: expected the images' bytes "
+        "(binary), Hugging Face's image struct{bytes, path}, or text (a path or URI)"
+    )
+
+
+def _is_image_bytes(kind: pa.DataType) -> bool:
+    """A binary column, or a struct with a binary ``bytes`` field (Hugging Face's ``Image()``)."""
+    if pa.types.is_struct(kind):
+        index = kind.get_field_index("bytes")
+        return index >= 0 and _is_image_bytes(kind.field(index).type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
 
 def derived_id_prefix(name: str) -> str:

@@ -75,7 +75,7 @@ def scan_text(
             pending += more
         cut = pending.find(b"\n") + 1 or len(pending)
         header = _csv_header(pending[:cut], shown)
-        columns, renamed = job_columns(header, mapping, shown)  # before reading the rows
+        columns, renamed, _ = job_columns(header, mapping, shown)  # before reading the rows
         candidates = (dict(renamed).get(ID_COLUMN, ID_COLUMN),) if ID_COLUMN in columns else ()
         pending, offset, line = pending[cut:], offset + cut, 2
     own: dict[str, None] = dict.fromkeys(header)
@@ -96,7 +96,7 @@ def scan_text(
         first += rows[-1]
     num_rows = first
     if kind == "csv" or num_rows:
-        columns, renamed = job_columns(tuple(own), mapping, shown)
+        columns, renamed, _ = job_columns(tuple(own), mapping, shown)
     else:  # a JSON Lines file without rows: no columns to check
         columns, renamed = (), ()
     id_name = dict(renamed).get(ID_COLUMN, ID_COLUMN) if ID_COLUMN in columns else None

@@ -10,16 +10,17 @@ from typing import Any
 import numpy as np
 
 from evf.manifest import Manifest
+from evf.manifest_file import ManifestFile
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.config import JobConfig
 from evf.pipelines.decode import DecodeSettings, decode_batch
 from evf.pipelines.finish import FinishSettings, finish_batch
 from evf.pipelines.infer import InferenceSettings, InferenceStage
-from evf.pipelines.read import ReadSettings, grounding_id, make_datasource, task_ranges
+from evf.pipelines.read import ReadSettings, grounding_id, make_datasource, read_task, task_ranges
 from evf.registry import CheckpointInfo
 from evf.settings import GroundingSettings
 
-__all__ = ["build_dataset", "data_context", "describe_reservations"]
+__all__ = ["build_dataset", "data_context", "describe_reservations", "none_valid"]
 
 
 def describe_reservations(config: JobConfig) -> dict[str, Any]:
@@ -98,10 +99,55 @@ def _inference_settings(
     )
 
 
-def rows_per_read_task(config: JobConfig, manifest_rows: int) -> int:
+# Rows per read task at most where the manifest holds its images: a task holds its rows' images
+# (a few hundred MB at 1 MB an image) until its blocks are taken.
+EMBEDDED_ROWS_PER_READ = 256
+
+
+def rows_per_read_task(config: JobConfig, manifest: Manifest) -> int:
     """Rows per read task: enough tasks (64) that a small manifest's rows still flow through the
-    stages in parallel, at most ``cpu.read_rows`` so that a huge one is read in large steps."""
-    return max(config.cpu.batch_size, min(config.cpu.read_rows, manifest_rows // 64))
+    stages in parallel, at most ``cpu.read_rows`` so that a huge one is read in large steps (and
+    ``EMBEDDED_ROWS_PER_READ`` when it holds its images)."""
+    most = config.cpu.read_rows
+    if any(file.embedded for file in manifest.files):
+        most = min(most, EMBEDDED_ROWS_PER_READ)
+    return max(config.cpu.batch_size, min(most, manifest.num_rows // 64))
+
+
+# Manifests this small are validated in the driver before Ray starts (``none_valid``).
+PREFLIGHT_ROWS = 10_000
+
+
+def _read_plan(
+    config: JobConfig,
+    manifest: Manifest,
+    output: JobOutput,
+    committed: Any,
+    committed_rows: np.ndarray | None,
+) -> tuple[ReadSettings, list[tuple[ManifestFile, int, int]]]:
+    """The read stage's settings and its tasks' ranges of rows (``read.task_ranges``)."""
+    grounding = grounding_id(
+        config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
+    )
+    read = ReadSettings(output, dict(config.defaults), grounding, committed)
+    return read, task_ranges(manifest.files, rows_per_read_task(config, manifest), committed_rows)
+
+
+def none_valid(
+    config: JobConfig,
+    manifest: Manifest,
+    output: JobOutput,
+    committed: Any,
+    committed_rows: np.ndarray | None,
+) -> bool:
+    """Whether none of the rows left to do is valid, found in the driver for a manifest of at most
+    ``PREFLIGHT_ROWS`` rows: their error rows are then committed here and the run needs neither
+    Ray nor the model. Stops at the first range of rows holding a valid one (the read task of that
+    range writes the same commit file again)."""
+    if manifest.num_rows > PREFLIGHT_ROWS:
+        return False
+    read, ranges = _read_plan(config, manifest, output, committed, committed_rows)
+    return not any(read_task(file, start, stop, read).num_rows for file, start, stop in ranges)
 
 
 def build_dataset(
@@ -116,11 +162,7 @@ def build_dataset(
     object ref or None; ``committed_rows``: one bool per manifest row (``read.task_ranges``)."""
     import ray
 
-    grounding = grounding_id(
-        config.grounding.model, config.grounding.box_threshold, config.grounding.text_threshold
-    )
-    read = ReadSettings(output, dict(config.defaults), grounding, committed)
-    ranges = task_ranges(manifest.files, rows_per_read_task(config, manifest.num_rows), committed_rows)
+    read, ranges = _read_plan(config, manifest, output, committed, committed_rows)
     # One read task per range of rows (Ray Data would otherwise choose its own split).
     ds = ray.data.read_datasource(
         make_datasource(ranges, config.cpu.batch_size, read),

@@ -37,10 +37,16 @@ def decode_batch(table: pa.Table, *, settings: DecodeSettings) -> pa.Table:
         groups.setdefault(row.image_url, []).append(row)
     urls = list(groups)
     storage = settings.output.storage
+
+    def fetch(url: str) -> bytes:
+        embedded = groups[url][0].image_bytes  # a manifest that holds its images
+        return embedded if embedded is not None else read_bytes(url, storage.options(url), storage.retry)
+
     started = time.perf_counter()
-    fetched = map_threads(
-        lambda url: read_bytes(url, storage.options(url), storage.retry), urls, settings.io_threads
-    )
+    fetched = map_threads(fetch, urls, settings.io_threads)
+    for rows in groups.values():
+        for row in rows:
+            row.image_bytes = None  # not carried on to the model
     fetch_ms = (time.perf_counter() - started) * 1000 / max(1, len(urls))
     units: list[ImageUnit] = []
     failed: list[dict] = []

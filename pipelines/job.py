@@ -33,7 +33,7 @@ from evf.parquet import read_parquet
 from evf.pipelines.commit import JobOutput, OutputLayout, check_output_writable, clear_outputs
 from evf.pipelines.compact import AUTO_COMPACT_FILES, compact, drop_superseded
 from evf.pipelines.config import JobConfig
-from evf.pipelines.dataset import build_dataset, data_context, describe_reservations
+from evf.pipelines.dataset import build_dataset, data_context, describe_reservations, none_valid
 from evf.pipelines.infer import MODEL_ROWS, NODE_PREFIX
 from evf.pipelines.metadata import Committed, list_metadata_files, load_committed, release_arrow_memory
 from evf.pipelines.native_stderr import filtered_native_stderr
@@ -362,6 +362,9 @@ def _run_and_account(
         record.skipped,
         to_do,
     )
+    if to_do and none_valid(config, manifest, output, plan.index, plan.committed_rows):
+        log.info("None of the %d row(s) to do is valid (error rows written): no Ray, no model", to_do)
+        to_do = 0
     checkpoint = None if config.ray.address or not to_do else _describe_checkpoint(config, storage)
     with _ray_session(config) if to_do else contextlib.nullcontext():  # nothing to do: no Ray
         try:

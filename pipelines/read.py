@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from evf.manifest import read_rows, resolve_url
-from evf.manifest_file import ID_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, row_id
+from evf.errors import error_text
+from evf.manifest import read_embedded_images, read_rows, resolve_url
+from evf.manifest_file import ID_COLUMN, IMAGE_COLUMN, REQUIRED_COLUMNS, ROW_ERROR, ManifestFile, row_id
 from evf.pipelines.commit import JobOutput
 from evf.pipelines.rows import ROW_SCHEMA, JobRow, rows_table
 from evf.request import (
@@ -44,6 +45,7 @@ from evf.request import (
     parse_request,
     short_repr,
 )
+from evf.retry import is_retryable
 
 __all__ = [
     "READ_COLUMNS",
@@ -181,6 +183,8 @@ def parse_row(
         return InvalidRow(rid, key, raw_url, prompt, raw[ROW_ERROR], file.name, index)
     if not isinstance(raw_url, str) or not raw_url.strip():
         error = f"invalid request: image_url={short_repr(raw_url)}: must be a non-empty path or URI"
+        if isinstance(raw_url, (bytes, dict)):  # the image itself: the column the job reads as such
+            error += f" (a column of images maps to {IMAGE_COLUMN}: --columns {IMAGE_COLUMN}=COLUMN)"
         key = request_key(repr(raw_url), prompt, options, model_id)
         return InvalidRow(rid, key, raw_url, prompt, error, file.name, index)
     image_url = resolve_url(raw_url.strip(), file.base)
@@ -316,8 +320,33 @@ def _read_task(file: ManifestFile, start: int, stop: int, settings: ReadSettings
             )
         else:
             todo.append(row)
+    if file.embedded and todo:
+        todo = _with_embedded_images(file, todo, output, invalid)
     output.commit(invalid, stale=stale)
     return rows_table(todo)
+
+
+def _with_embedded_images(
+    file: ManifestFile, rows: list[JobRow], output: JobOutput, failed: list[dict[str, Any]]
+) -> list[JobRow]:
+    """``rows`` of a file that embeds its images, each given its image's bytes (or, for an image
+    stored as a path, that path as its ``image_url``: the key stays the embedded one's); a row whose
+    image cannot be read goes to ``failed`` as an error row (retryable when the cause was transient)."""
+    try:
+        images = read_embedded_images(file, [r.manifest_row for r in rows], output.storage.options(file.uri))
+    except Exception as error:
+        images = [error] * len(rows)
+    kept = []
+    for row, image in zip(rows, images, strict=True):
+        if isinstance(image, Exception):
+            failed.append(output.error_row(row, error_text(image, "image read failed"), is_retryable(image)))
+        else:
+            if isinstance(image, str):
+                row.image_url = image
+            else:
+                row.image_bytes = image
+            kept.append(row)
+    return kept
 
 
 def task_ranges(

@@ -90,6 +90,7 @@ _ROW_FIELDS = [
     ("negative_index", pa.int32()),
     ("instances", pa.list_(INSTANCE_TYPE)),
     ("error", pa.string()),
+    ("image_bytes", pa.large_binary()),  # a manifest's embedded image, read to decode stage only
 ]
 ROW_SCHEMA = pa.schema(_ROW_FIELDS)
 ROW_TYPE = pa.struct(_ROW_FIELDS)
@@ -130,6 +131,7 @@ class JobRow:
     negative_index: int | None = None
     instances: list[dict[str, Any]] | None = None
     error: str | None = None
+    image_bytes: bytes | None = None  # the image itself, when the manifest embeds it
 
     @property
     def needs_image(self) -> bool:

@@ -488,3 +488,23 @@ def image_cases(tmp_path: Path) -> dict[str, ImageCase]:
 # Finished jobs for the review page and export tests live in finished_jobs.py (imported here so that
 # every test module sees the fixtures).
 from finished_jobs import finished_job, grounded_job  # noqa: E402, F401
+
+
+def interrupt(
+    command: list[str], env: dict[str, str], committed: Callable[[], bool], timeout: float = 240
+) -> None:
+    """Start ``command`` (an ``evf run``) and send it SIGINT (Ctrl-C) once ``committed()`` says a
+    commit file exists; return when it has stopped."""
+    import signal
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not committed():
+            assert first.poll() is None and time.monotonic() < deadline, "no commit before the interrupt"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()

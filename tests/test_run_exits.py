@@ -261,7 +261,11 @@ def test_dry_run_of_a_bytes_column_is_short(tmp_path: Path, capsys) -> None:
 def test_a_job_whose_rows_all_failed_exits_4_and_quotes_no_bytes(tmp_path: Path) -> None:
     manifest = _bytes_manifests(tmp_path)["bytes"]
     output = tmp_path / "out"
-    done, _ = _evf(["run", "--manifest", manifest, "--output", str(output), *FAST])
+    no_ray = tmp_path / "no-ray" / "ray"  # importing ray fails: no valid row, so neither Ray nor model
+    no_ray.mkdir(parents=True)
+    (no_ray / "__init__.py").write_text("raise ImportError('ray was imported for a run with no valid row')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(no_ray.parent), str(REPO)])}
+    done, _ = _evf(["run", "--manifest", manifest, "--output", str(output), *FAST], env)
     text = done.stdout + done.stderr
     assert done.returncode == 4, text[-3000:]  # every row failed: exit 4
     last = done.stderr.strip().splitlines()[-1]
@@ -273,3 +277,4 @@ def test_a_job_whose_rows_all_failed_exits_4_and_quotes_no_bytes(tmp_path: Path)
     assert len(errors) == 3 and all(e.startswith("invalid request: image_url=<bytes, ") for e in errors), (
         errors
     )
+    assert all("--columns image=COLUMN" in e for e in errors), errors[0]
