@@ -35,11 +35,13 @@ inputs:
   --manifest URI                  Parquet, CSV or JSON Lines: one file, or a folder of *.parquet,
                                   *.csv and *.jsonl files (kinds mixed); one row each:
     image_url   path or URI of the image (relative paths: from the manifest's folder)   required
+    image       or, in Parquet, the image itself: bytes, or Hugging Face's struct{{bytes, path}}
     prompt      what to segment                                                          required
     id          the row's id (default: file name + row number); resume keys on it
 {options}
                 request options per row (null: the job's default, defaults.* / the flags)
   --columns image_url=url,prompt=caption   when the manifest names them otherwise
+  --columns image=img,prompt=text          a Hugging Face dataset's Parquet files
 """.format(
     options=textwrap.fill(", ".join(OPTION_NAMES), 96, initial_indent="    ", subsequent_indent="    ")
 )
@@ -193,12 +195,28 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# Fields whose flag is not "--" + the field's last part (the rest: ``_flag_names``).
+_FLAG_NAMES = {
+    "prompts": "--prompt/--prompts",
+    "ray.address": "--ray-address",
+    "ray.progress_bars": "--ray-progress",
+    "grounding.model": "--grounding-model",
+    "progress": "--no-progress",
+}
+
+
+def _flag_names(flags: dict[str, Any]) -> dict[str, str]:
+    """The flag that gave each field of ``_flags``, for errors to blame it."""
+    return {key: _FLAG_NAMES.get(key, "--" + key.rsplit(".", 1)[-1].replace("_", "-")) for key in flags}
+
+
 def command(args: argparse.Namespace) -> int:
     from evf.pipelines.config import load_config
     from evf.pipelines.job import JobError, run_job
     from evf.pipelines.summary import format_summary
 
-    config = load_config(args.config, args.overrides, _flags(args))
+    flags = _flags(args)
+    config = load_config(args.config, args.overrides, flags, _flag_names(flags))
     if args.dry_run:
         from evf.pipelines.dryrun import dry_run, format_dry_run
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from evf.errors import UserError
+from evf.errors import UserError, unknown_name
+from evf.request import short_repr
 
 __all__ = [
     "ConfigError",
@@ -25,6 +27,7 @@ __all__ = [
     "StrictModel",
     "apply_overrides",
     "load_model_config",
+    "override_sources",
     "read_yaml_mapping",
     "validate_config",
 ]
@@ -100,27 +103,72 @@ def apply_overrides(data: Mapping[str, Any], overrides: Overrides | None) -> dic
     return result
 
 
-def _format_validation_error(error: ValidationError, what: str) -> str:
+def override_sources(
+    overrides: Overrides | None, flag_names: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Where each overridden dotted field was given, for errors to name: ``--set KEY=VALUE`` (the
+    text as typed, clipped), or for a mapping of command-line flags the flag (``flag_names``)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        names = flag_names or {}
+        return {k: names.get(k, f"--set {k}") for k, v in overrides.items() if v is not None}
+    sources = {}
+    for text in overrides:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        sources[text.partition("=")[0].strip()] = f"--set {shown}"
+    return sources
+
+
+def _section_fields(model: type[BaseModel], path: Sequence[Any]) -> list[str] | None:
+    """The field names of the config section at ``path`` of ``model`` (None: not a section)."""
+    node: type[BaseModel] = model
+    for part in path:
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return None
+        kinds = (field.annotation, *typing.get_args(field.annotation))
+        section = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if section is None:
+            return None
+        node = section
+    return list(node.model_fields)
+
+
+def _format_validation_error(
+    error: ValidationError, what: str, model: type[BaseModel], sources: Mapping[str, str]
+) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ())) or "(top level)"
+        loc = item.get("loc", ())
+        location = ".".join(str(part) for part in loc) or "(top level)"
         message = item.get("msg", "invalid")
         if item.get("type") == "extra_forbidden":
-            message = "unknown field"
+            known = _section_fields(model, loc[:-1])
+            message = unknown_name(str(loc[-1]), known) if known else "unknown field"
         elif item.get("type") == "missing":
             message = "required field is missing"
         given = item.get("input")
-        shown = "" if item.get("type") == "missing" or isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {location}: {message}{shown}")
+        shown = (
+            "" if item.get("type") == "missing" or isinstance(given, dict) else f" (got {short_repr(given)})"
+        )
+        source = sources.get(location) or ", ".join(
+            v for k, v in sources.items() if k.startswith(f"{location}.")
+        )
+        where = f" (from {source})" if source else ""
+        lines.append(f"  {location}{where}: {message}{shown}")
     return f"invalid {what}:\n" + "\n".join(lines)
 
 
-def validate_config(model: type[Model], data: Mapping[str, Any], what: str) -> Model:
-    """``model`` validated from ``data``; ``what`` names the config in errors ("job config 'x.yaml'")."""
+def validate_config(
+    model: type[Model], data: Mapping[str, Any], what: str, sources: Mapping[str, str] | None = None
+) -> Model:
+    """``model`` validated from ``data``; ``what`` names the config in errors ("job config 'x.yaml'"),
+    ``sources`` where overridden fields were given (``override_sources``), so an error names the flag."""
     try:
         return model.model_validate(dict(data))
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, what)) from None
+        raise ConfigError(_format_validation_error(error, what, model, sources or {})) from None
 
 
 def load_model_config(
@@ -131,4 +179,4 @@ def load_model_config(
 ) -> Model:
     """Read a YAML file, apply ``overrides``, validate into ``model``; raises :class:`ConfigError`."""
     data = apply_overrides(read_yaml_mapping(path), overrides)
-    return validate_config(model, data, f"{kind} {str(path)!r}")
+    return validate_config(model, data, f"{kind} {str(path)!r}", override_sources(overrides))

@@ -6,9 +6,11 @@ it as ``evf <command>: <message>`` and exits with status 2, without a traceback.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
-__all__ = ["DeviceError", "UserError", "error_kind", "error_text"]
+__all__ = ["DeviceError", "UserError", "did_you_mean", "error_kind", "error_text", "unknown_name"]
 
 _EXCEPTION_NAME = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Warning|Exit)")
 
@@ -37,3 +39,21 @@ def error_kind(message: str) -> str:
     if len(parts) > 1 and _EXCEPTION_NAME.fullmatch(parts[1]):
         return f"{parts[0]}: {parts[1]}"
     return parts[0].strip()[:120]
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a misspelt ``name`` (``batchsize`` -> ``batch_size``), if any is close."""
+    known = list(known)
+    lowered = {k.lower().replace("-", "_"): k for k in known}
+    found = difflib.get_close_matches(name.lower().replace("-", "_"), list(lowered), n=1, cutoff=0.6)
+    return lowered[found[0]] if found else None
+
+
+def unknown_name(name: str, known: Iterable[str], what: str = "field") -> str:
+    """``"unknown field; did you mean 'batch_size'?"``, or the allowed names when none is close
+    (``"unknown field; allowed fields: a, b"``)."""
+    known = list(known)
+    close = did_you_mean(name, known)
+    if close is not None:
+        return f"unknown {what}; did you mean {close!r}?"
+    return f"unknown {what}; allowed {what}s: {', '.join(known)}"

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evf.errors import UserError
+from evf.errors import UserError, unknown_name
 
 __all__ = [
     "BLUR_MASK_MAX",
@@ -266,8 +266,8 @@ class InvalidRequestError(UserError, ValueError):
         return (type(self), (self.errors,))
 
 
-def _unknown_rule() -> str:
-    return "unknown field; allowed fields: " + ", ".join(FIELD_NAMES)
+def _unknown_rule(name: str) -> str:
+    return unknown_name(name, FIELD_NAMES)
 
 
 def _convert(exc: ValidationError, data: Mapping[str, Any]) -> InvalidRequestError:
@@ -277,9 +277,9 @@ def _convert(exc: ValidationError, data: Mapping[str, Any]) -> InvalidRequestErr
         loc = err.get("loc") or ()
         key = loc[0] if loc else None
         if err["type"] == "invalid_key":  # non-string key
-            name, value, rule = short_repr(key), data.get(key, MISSING), _unknown_rule()
+            name, value, rule = short_repr(key), data.get(key, MISSING), _unknown_rule("")
         elif err["type"] == "extra_forbidden" or key not in _RULES:
-            name, value, rule = str(key)[:SHORT_REPR_LIMIT], data.get(key, MISSING), _unknown_rule()
+            name, value, rule = str(key)[:SHORT_REPR_LIMIT], data.get(key, MISSING), _unknown_rule(str(key))
         else:
             name, value, rule = str(key), data.get(key, MISSING), _RULES[key]
         if name in seen:

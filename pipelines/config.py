@@ -23,9 +23,11 @@ from evf.config import (
     Overrides,
     StrictModel,
     apply_overrides,
+    override_sources,
     read_yaml_mapping,
     validate_config,
 )
+from evf.errors import unknown_name
 from evf.request import OPTION_NAMES, InvalidRequestError, parse_request
 from evf.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from evf.settings import DEFAULT_BOX_THRESHOLD, DEFAULT_TEXT_THRESHOLD, ModelOptions
@@ -280,10 +282,12 @@ class JobConfig(StrictModel):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
-        allowed = ("id", "image_url", "prompt", "mask_url", "kind", *OPTION_NAMES)
+        allowed = ("id", "image_url", "image", "prompt", "mask_url", "kind", *OPTION_NAMES)
         unknown = sorted(set(value) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            raise ValueError(
+                "; ".join(f"{name!r}: {unknown_name(name, allowed, 'column')}" for name in unknown)
+            )
         return dict(value)
 
     @field_validator("defaults")
@@ -291,7 +295,9 @@ class JobConfig(StrictModel):
     def _valid_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(value) - set(OPTION_NAMES))
         if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(OPTION_NAMES)}")
+            raise ValueError(
+                "; ".join(f"{name!r}: {unknown_name(name, OPTION_NAMES, 'option')}" for name in unknown)
+            )
         try:
             parse_request({"prompt": "x", **value})
         except InvalidRequestError as error:
@@ -368,13 +374,16 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Overrides | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> JobConfig:
     """Read a YAML job config (default: :data:`DEFAULT_CONFIG`), apply ``--set`` ``overrides`` and
-    then the command line's ``flags`` (dotted names; None values skipped), validate.
+    then the command line's ``flags`` (dotted names; None values skipped), validate. An invalid
+    field given by a flag is blamed on that flag (``flag_names``: dotted name -> ``--flag``).
 
     Raises:
         ConfigError: unreadable file, not YAML, or invalid fields (every problem is listed).
     """
     source = path if path is not None else DEFAULT_CONFIG
     data = apply_overrides(apply_overrides(read_yaml_mapping(source), overrides), flags)
-    return validate_config(JobConfig, data, f"job config {str(source)!r}")
+    sources = {**override_sources(overrides), **override_sources(flags, flag_names)}
+    return validate_config(JobConfig, data, f"job config {str(source)!r}", sources)

@@ -198,7 +198,11 @@ def summarize_run(
         "rows_per_s": round(summary.rows_per_s, 3),
         "error_kinds": [asdict(kind) for kind in summary.error_kinds],
         "resources": record.reservations,
-        "outputs": {"masks": summary.layout.masks, "metadata": summary.layout.metadata},
+        "outputs": {
+            "masks": summary.layout.masks,
+            "metadata": summary.layout.metadata,
+            **({"overlays": summary.layout.overlay_folder} if summary.layout.overlays else {}),
+        },
         "config": record.config,
     }
     data = json.dumps(payload, indent=2, default=str).encode("utf-8")
@@ -246,6 +250,10 @@ def format_summary(summary: JobSummary) -> str:
     lines += [
         f"  {'time':<{width}} {summary.elapsed_s:.1f} s ({summary.rows_per_s:.2f} rows/s this run)",
         f"  {'masks':<{width}} {summary.layout.masks}/",
+    ]
+    if summary.layout.overlays:
+        lines.append(f"  {'overlays':<{width}} {summary.layout.overlay_folder}/")
+    lines += [
         f"  {'metadata':<{width}} {summary.layout.metadata}/",
         f"  {'job record':<{width}} {summary.layout.job_json}",
     ]

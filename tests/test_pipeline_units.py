@@ -512,6 +512,38 @@ def test_a_column_mapping_reads_other_manifests_as_they_are(tmp_path):
         load_config(None, ["columns.caption=text"])
 
 
+def test_a_config_error_names_the_flag_and_the_likely_field(capsys) -> None:
+    from evf.cli import main
+
+    with pytest.raises(
+        ConfigError,
+        match=r"inference.batchsize \(from --set inference.batchsize=4\): unknown "
+        r"field; did you mean 'batch_size'\?",
+    ):
+        load_config(None, ["inference.batchsize=4"])
+    with pytest.raises(
+        ConfigError,
+        match=r"inferense \(from --set inferense.actors=2\): unknown field; did you "
+        r"mean 'inference'\?",
+    ):
+        load_config(None, ["inferense.actors=2"])
+    with pytest.raises(ConfigError, match=r"'imag': unknown column; did you mean 'image'\?"):
+        load_config(None, ["columns.imag=x"])
+    with pytest.raises(ConfigError, match=r"unknown field; allowed fields: device, dtype, mode, compile, actors, num_gpus"):
+        load_config(None, ["inference.zzz=1"])
+    # A flag's bad value is blamed on the flag, not on the config file it overrides.
+    assert main(["run", "--images", "x", "--prompt", "y", "--output", "o", "--max-error-rate", "5"]) == 2
+    assert (
+        "max_error_rate (from --max-error-rate): Input should be less than or equal to 1"
+        in capsys.readouterr().err
+    )
+    assert (
+        main(["run", "--images", "x", "--prompt", "y", "--output", "o", "--set", "defaults.expandmask=3"])
+        == 2
+    )
+    assert "'expandmask': unknown option; did you mean 'expand_mask'?" in capsys.readouterr().err
+
+
 def test_actor_pool_may_autoscale():
     gpu = load_config(CONFIGS / "cluster-gpu.yaml")
     assert (gpu.inference.min_actors, gpu.inference.max_actors) == (1, 8)

@@ -10,6 +10,7 @@ are checked on disk, independently of the code that named them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from collections import Counter
@@ -199,6 +200,8 @@ def test_overlays_are_jpegs_of_the_image_size_beside_the_masks(id_job: IdJob) ->
         if mask.sum() > 50:  # the mask is drawn: the masked pixels moved towards magenta
             assert np.abs(pixels[mask] - image[mask]).mean() > 20
     assert {p.resolve() for p in _files(overlays)} == expected, "one overlay per row with a mask"
+    record = json.loads((id_job.output / "_job.json").read_text())
+    assert record["outputs"]["overlays"] == str(overlays)
 
 
 def test_a_rerun_with_id_names_resumes_on_the_key(id_job: IdJob) -> None:
