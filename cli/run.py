@@ -27,6 +27,8 @@ EXIT_RETRYABLE = 3
 """``evf run``'s exit status when rows are left as retryable errors."""
 EXIT_ROWS_FAILED = 4
 """``evf run``'s exit status when every row it ran failed, or more than ``max_error_rate`` of them."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), as every ``evf`` command (128 + the signal's number, the shells' convention)."""
 
 
 MANIFEST_HELP = """\
@@ -227,7 +229,8 @@ def command(args: argparse.Namespace) -> int:
     except JobError as error:
         raise CommandFailed(f"job failed: {error}") from None
     except KeyboardInterrupt:
-        raise CommandFailed("interrupted; re-run the same command to resume") from None
+        print("evf run: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(format_summary(summary))
     if summary.ok or summary.empty:
         print(f"Masks written to {summary.layout.masks}/")

@@ -95,6 +95,7 @@ class JobSummary:
     retryable: int = 0
     error_kinds: list[ErrorKind] = field(default_factory=list)
     reservations: dict[str, Any] = field(default_factory=dict)
+    overlays: bool = False  # the run wrote overlays/ beside masks/
 
     @property
     def ok(self) -> int:
@@ -118,7 +119,7 @@ class JobSummary:
 
     @property
     def layout(self) -> OutputLayout:
-        return OutputLayout(self.output)
+        return OutputLayout(self.output, overlays=self.overlays)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -167,6 +168,7 @@ def summarize_run(
         retryable=committed.retryable(),
         error_kinds=error_kinds(errors) if "error" in errors.column_names else [],
         reservations=record.reservations,
+        overlays=layout.overlays,
     )
     failure = record.failure
     if failure is None and missing:

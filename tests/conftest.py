@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -490,16 +490,39 @@ def image_cases(tmp_path: Path) -> dict[str, ImageCase]:
 from finished_jobs import finished_job, grounded_job  # noqa: E402, F401
 
 
-def interrupt(
-    command: list[str], env: dict[str, str], committed: Callable[[], bool], timeout: float = 240
-) -> None:
-    """Start ``command`` (an ``evf run``) and send it SIGINT (Ctrl-C) once ``committed()`` says a
-    commit file exists; return when it has stopped."""
+def interrupted_then_rerun(
+    args: list[str], output: str, expected: set[str], env: Mapping[str, str] | None = None, fs: Any = None
+) -> dict[str, dict[str, Any]]:
+    """``evf run ARGS --output OUTPUT`` with the tiny model, one image a model call: Ctrl-C (SIGINT)
+    once its first mask is written (Ray and the model at work: a signal that lands while Ray starts
+    its processes may be lost), check that it stopped part-way with status 130, run the same command
+    again to its end. Checks that ``read_metadata`` and a raw ``pyarrow.dataset`` reader of ``metadata/``
+    then each hold every ``expected`` id exactly once; returns the rows by id. ``fs``: the fsspec
+    filesystem of an object-store output (None: a local folder)."""
     import signal
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import fsspec
+    import pyarrow.dataset as ds
+
+    from evf.pipelines.metadata import read_metadata
+
+    tiny = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
+    command = [sys.executable, "-m", "evf.cli", "run", *args, "--output", output, "--model", str(tiny)]
+    command += ["--no-progress", "--set", "cpu.batch_size=2", "--set", "inference.batch_size=1"]
+    command += ["--set", "ray.num_cpus=2"]
+    environment = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    fs = fs or fsspec.filesystem("file")
+    root = output.split("://", 1)[-1].rstrip("/")
+    folder = f"{root}/metadata"
+    options = fs.storage_options if "://" in output else None
+
+    def committed() -> bool:
+        fs.invalidate_cache()
+        return bool(fs.glob(f"{root}/masks/*.png"))
+
+    first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + 240
         while not committed():
             assert first.poll() is None and time.monotonic() < deadline, "no commit before the interrupt"
             time.sleep(0.05)
@@ -508,3 +531,15 @@ def interrupt(
     finally:
         if first.poll() is None:
             first.kill()
+    assert first.returncode == 130, f"the first run was not interrupted (exit {first.returncode})"
+    partial = {r["id"] for r in read_metadata(output, options).to_pylist()}
+    assert 0 < len(partial) < len(expected), "interrupted part-way"
+
+    second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = read_metadata(output, options).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(expected)
+    fs.invalidate_cache()
+    raw = ds.dataset(folder, format="parquet", filesystem=fs).to_table(columns=["id"]).column("id")
+    assert sorted(raw.to_pylist()) == sorted(expected), "every row exactly once, for a raw reader too"
+    return {r["id"]: r for r in rows}

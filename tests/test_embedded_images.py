@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import interrupt
+from conftest import interrupted_then_rerun
 from PIL import Image
 
 from evf.io import ImageReadError, read_bytes
@@ -143,21 +139,8 @@ def test_an_interrupted_manifest_run_resumes_with_every_row_once(tmp_path: Path)
         (manifest / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
         writer.writerow(["broken.png", "the square"])
         outcomes["more.csv:6"] = "decode"
-    output = tmp_path / "out"
-    command = [sys.executable, "-m", "evf.cli", "run", "--manifest", str(manifest), "--output", str(output)]
-    command += ["--columns", "image=picture,prompt=caption", "--model", str(TINY), "--no-progress"]
-    command += ["--set", "cpu.batch_size=2", "--set", "inference.batch_size=1", "--set", "ray.num_cpus=2"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    interrupt(command, env, lambda: bool(list((output / "metadata").glob("part-*.parquet"))))
-    partial = {r["id"] for r in read_metadata(str(output)).to_pylist()}
-    assert 0 < len(partial) < len(outcomes), "interrupted part-way"
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    rows = {r["id"]: r for r in read_metadata(str(output)).to_pylist()}
-    assert set(rows) == set(outcomes)
+    args = ["--manifest", str(manifest), "--columns", "image=picture,prompt=caption"]
+    rows = interrupted_then_rerun(args, str(tmp_path / "out"), set(outcomes))
     assert {i for i, r in rows.items() if r["status"] == "error"} == {
         i for i, outcome in outcomes.items() if outcome != "ok"
     }
-    raw = ds.dataset(output / "metadata", format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    assert sorted(raw) == sorted(outcomes), "every row exactly once, for a raw reader too"

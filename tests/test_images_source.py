@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import interrupt, make_exif_jpeg, make_gray_png, make_rgba_png, make_truncated_png
+from conftest import interrupted_then_rerun, make_exif_jpeg, make_gray_png, make_rgba_png, make_truncated_png
 from PIL import Image
 
 from evf.pipelines.config import DEFAULT_CONFIG, load_config
@@ -199,72 +199,28 @@ def test_webdataset_shards_are_read_sample_by_sample(ray_session, tmp_path: Path
 
 def test_an_interrupted_images_run_resumes_with_every_row_once(tmp_path: Path) -> None:
     """Ctrl-C part-way through a folder of images and a WebDataset shard, then the same command again."""
-    import pyarrow.dataset as ds
-
     source = tmp_path / "imgs"
     captions = write_shards(source / "shards")
     for index in range(10):
         _square(source / f"p{index:02d}.png")
     expected = {f"p{i:02d}.png" for i in range(10)} | {f"shards/{name}" for name in captions}
-    output = tmp_path / "out"
-    command = [sys.executable, "-m", "evf.cli", "run", "--images", str(source), "--prompt", "the red square"]
-    command += ["--output", str(output), "--model", str(TINY), "--no-progress", "--set", "cpu.batch_size=2"]
-    command += ["--set", "inference.batch_size=1", "--set", "ray.num_cpus=2"]
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    interrupt(command, env, lambda: bool(list((output / "metadata").glob("part-*.parquet"))))
-    partial = {r["id"] for r in read_metadata(str(output)).to_pylist()}
-    assert 0 < len(partial) < len(expected), "interrupted part-way"
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    rows = read_metadata(str(output)).to_pylist()
-    assert sorted(r["id"] for r in rows) == sorted(expected)
-    raw = ds.dataset(output / "metadata", format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-    assert sorted(raw) == sorted(expected), "every row exactly once, for a raw reader too"
+    interrupted_then_rerun(
+        ["--images", str(source), "--prompt", "the red square"], str(tmp_path / "out"), expected
+    )
 
 
 def test_an_interrupted_s3_prefix_run_resumes_with_every_row_once(s3_server, s3_bucket) -> None:
     """Ctrl-C part-way through a prefix of images on S3 (a corrupt one among them), then again."""
     import fsspec
-    import pyarrow.dataset as ds
 
     bucket, storage_options = s3_bucket
     fs = fsspec.filesystem("s3", **storage_options)
-    for index in range(6):
+    for index in range(12):
         buffer = io.BytesIO()
-        Image.fromarray(np.full((24, 32, 3), 40 * index, np.uint8)).save(buffer, "PNG")
+        Image.fromarray(np.full((24, 32, 3), 20 * index, np.uint8)).save(buffer, "PNG")
         fs.pipe(f"{bucket}/imgs/p{index:02d}.png", buffer.getvalue())
     fs.pipe(f"{bucket}/imgs/corrupt.png", b"\x89PNG\r\n\x1a\n not really")
-    expected = {f"p{i:02d}.png" for i in range(6)} | {"corrupt.png"}
-    output = f"s3://{bucket}/out"
-    command = [
-        sys.executable,
-        "-m",
-        "evf.cli",
-        "run",
-        "--images",
-        f"s3://{bucket}/imgs/",
-        "--prompt",
-        "a thing",
-    ]
-    command += ["--output", output, "--model", str(TINY), "--no-progress", "--set", "cpu.batch_size=2"]
-    command += ["--set", "inference.batch_size=1", "--set", "ray.num_cpus=2"]
-    env = {**os.environ, **s3_server.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-    def committed() -> bool:
-        fs.invalidate_cache()
-        return bool(fs.glob(f"{bucket}/out/metadata/part-*.parquet"))
-
-    interrupt(command, env, committed)
-    partial = {r["id"] for r in read_metadata(output, storage_options).to_pylist()}
-    assert 0 < len(partial) < len(expected), "interrupted part-way"
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    rows = {r["id"]: r for r in read_metadata(output, storage_options).to_pylist()}
-    assert set(rows) == expected and rows["corrupt.png"]["status"] == "error"
-    fs.invalidate_cache()
-    raw = ds.dataset(f"{bucket}/out/metadata", format="parquet", filesystem=fs).to_table(columns=["id"])
-    assert sorted(raw.column("id").to_pylist()) == sorted(expected), (
-        "every row exactly once, for a raw reader too"
-    )
+    expected = {f"p{i:02d}.png" for i in range(12)} | {"corrupt.png"}
+    args = ["--images", f"s3://{bucket}/imgs/", "--prompt", "a thing"]
+    rows = interrupted_then_rerun(args, f"s3://{bucket}/out", expected, s3_server.env, fs)
+    assert rows["corrupt.png"]["status"] == "error"

@@ -529,7 +529,9 @@ def test_a_config_error_names_the_flag_and_the_likely_field(capsys) -> None:
         load_config(None, ["inferense.actors=2"])
     with pytest.raises(ConfigError, match=r"'imag': unknown column; did you mean 'image'\?"):
         load_config(None, ["columns.imag=x"])
-    with pytest.raises(ConfigError, match=r"unknown field; allowed fields: device, dtype, mode, compile, actors, num_gpus"):
+    with pytest.raises(
+        ConfigError, match=r"unknown field; allowed fields: device, dtype, mode, compile, actors, num_gpus"
+    ):
         load_config(None, ["inference.zzz=1"])
     # A flag's bad value is blamed on the flag, not on the config file it overrides.
     assert main(["run", "--images", "x", "--prompt", "y", "--output", "o", "--max-error-rate", "5"]) == 2
