@@ -507,7 +507,11 @@ def interrupted_then_rerun(
     from evf.pipelines.metadata import read_metadata
 
     tiny = Path(__file__).parent / "fixtures" / "evf-sam2-tiny" / "checkpoint"
-    command = [sys.executable, "-m", "evf.cli", "run", *args, "--output", output, "--model", str(tiny)]
+    # Ctrl-C as on a terminal: a child inherits an ignored SIGINT (in a long pytest session something
+    # leaves SIGINT ignored, and Python then keeps ignoring it), so the child takes the default back.
+    main = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    main += "runpy.run_module('evf.cli', run_name='__main__')"
+    command = [sys.executable, "-c", main, "run", *args, "--output", output, "--model", str(tiny)]
     command += ["--no-progress", "--set", "cpu.batch_size=2", "--set", "inference.batch_size=1"]
     command += ["--set", "ray.num_cpus=2"]
     environment = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
